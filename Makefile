@@ -1,0 +1,54 @@
+# warren — make targets. `make up` and `make test` are the two commands of the README.
+SHELL := /bin/bash
+GO    ?= go
+BIN   := bin
+# The guest agent must run in any rootfs: static, no cgo.
+ENVD_FLAGS := CGO_ENABLED=0
+VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X github.com/warren-sh/warren/internal/version.Version=$(VERSION)
+
+.PHONY: all setup build generate test test-go test-compat up clean bench
+
+all: build
+
+## setup: install the host packages and tools warren and its tests need (Debian, run as root).
+setup:
+	./scripts/setup.sh
+
+## build: bin/warren (host binary) and bin/envd (static guest agent).
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/warren ./cmd/warren
+	$(ENVD_FLAGS) $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN)/envd ./cmd/envd
+
+## generate: protobuf and connect code under gen/ (committed; rerun after editing proto/).
+generate:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/protoc-gen-go google.golang.org/protobuf/cmd/protoc-gen-go
+	$(GO) build -o $(BIN)/protoc-gen-connect-go connectrpc.com/connect/cmd/protoc-gen-connect-go
+	rm -rf gen && mkdir -p gen
+	protoc -I proto \
+	  --plugin=protoc-gen-go=$(BIN)/protoc-gen-go --go_out=gen --go_opt=module=github.com/warren-sh/warren/gen \
+	  --plugin=protoc-gen-connect-go=$(BIN)/protoc-gen-connect-go --connect-go_out=gen --connect-go_opt=module=github.com/warren-sh/warren/gen \
+	  $$(cd proto && find * -name '*.proto' | sort)
+
+## test: every test: Go unit and integration tests, then the npm SDK compatibility tests.
+test: build test-go test-compat
+
+test-go:
+	$(GO) vet ./...
+	$(GO) test -count=1 -timeout 20m ./...
+
+test-compat: build
+	cd test/compat && ./run.sh
+
+## bench: envd benchmarks through the npm SDK (results go into BENCHMARKS.md by hand).
+bench: build
+	cd test/compat && ./bench.sh
+
+## up: install what is missing, build, and run warren.
+up: setup build
+	$(BIN)/warren up
+
+clean:
+	rm -rf $(BIN)

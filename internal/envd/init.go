@@ -1,0 +1,210 @@
+package envd
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"runtime"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/warren-sh/warren/internal/envd/identity"
+	"github.com/warren-sh/warren/internal/envd/reply"
+	"github.com/warren-sh/warren/internal/version"
+)
+
+// initRequest is the body of POST /init (E2B envd's names).
+type initRequest struct {
+	EnvVars        map[string]string `json:"envVars"`
+	AccessToken    *string           `json:"accessToken"`
+	Timestamp      *time.Time        `json:"timestamp"`
+	DefaultUser    *string           `json:"defaultUser"`
+	DefaultWorkdir *string           `json:"defaultWorkdir"`
+}
+
+// InitSecretHeader carries Config.InitSecret on /init calls from the node.
+const InitSecretHeader = "X-Warren-Init-Secret"
+
+// maxInitBody bounds /init; it carries a few env vars and strings.
+const maxInitBody = 1 << 20
+
+func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
+	// Once a token is set only its holder, or the node with the init secret, may
+	// change the sandbox's configuration.
+	if s.state.AccessToken() != "" && !s.state.TokenMatches(r.Header.Get("X-Access-Token")) &&
+		!s.initSecretMatches(r.Header.Get(InitSecretHeader)) {
+		reply.Error(w, http.StatusUnauthorized, unauthorizedMessage)
+		return
+	}
+	var req initRequest
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxInitBody))
+	if err != nil {
+		reply.Error(w, http.StatusBadRequest, "read /init body: %v", err)
+		return
+	}
+	if len(bytes.TrimSpace(body)) > 0 {
+		if err := json.Unmarshal(body, &req); err != nil {
+			reply.Error(w, http.StatusBadRequest, "invalid /init body: %v", err)
+			return
+		}
+	}
+	if req.DefaultUser != nil && *req.DefaultUser != "" {
+		if _, err := identity.Lookup(*req.DefaultUser); err != nil {
+			reply.Error(w, http.StatusBadRequest, "defaultUser: %v", err)
+			return
+		}
+	}
+	if req.Timestamp != nil && s.cfg.SetClock {
+		if err := setClock(*req.Timestamp); err != nil {
+			s.cfg.Log.Error("set clock from /init", "err", err)
+		}
+	}
+	s.state.MergeEnvVars(req.EnvVars)
+	if req.DefaultUser != nil && *req.DefaultUser != "" {
+		s.state.SetDefaultUser(*req.DefaultUser)
+	}
+	if req.DefaultWorkdir != nil {
+		s.state.SetDefaultWorkdir(*req.DefaultWorkdir)
+	}
+	if req.AccessToken != nil {
+		s.state.SetAccessToken(*req.AccessToken)
+	}
+	w.Header().Set("X-Envd-Version", version.EnvdVersion)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *Server) initSecretMatches(got string) bool {
+	return s.cfg.InitSecret != "" && got != "" && constantTimeEqual(got, s.cfg.InitSecret)
+}
+
+// setClock steps the wall clock to t when it is off by more than 10 ms: a
+// restored snapshot's clock lags by however long the snapshot was stored.
+func setClock(t time.Time) error {
+	if d := time.Since(t); d < 10*time.Millisecond && d > -10*time.Millisecond {
+		return nil
+	}
+	ts := unix.NsecToTimespec(t.UnixNano())
+	if err := unix.ClockSettime(unix.CLOCK_REALTIME, &ts); err != nil {
+		return fmt.Errorf("clock_settime: %w", err)
+	}
+	return nil
+}
+
+func (s *Server) handleEnvs(w http.ResponseWriter, r *http.Request) {
+	reply.JSON(w, http.StatusOK, s.state.EnvVars())
+}
+
+// metrics is the body of GET /metrics (E2B envd's names and units: bytes, MiB, percent).
+type metrics struct {
+	Timestamp   int64   `json:"ts"`
+	CPUCount    int     `json:"cpu_count"`
+	CPUUsedPct  float64 `json:"cpu_used_pct"`
+	MemTotal    uint64  `json:"mem_total"`
+	MemUsed     uint64  `json:"mem_used"`
+	MemCache    uint64  `json:"mem_cache"`
+	MemTotalMiB uint64  `json:"mem_total_mib"`
+	MemUsedMiB  uint64  `json:"mem_used_mib"`
+	DiskUsed    uint64  `json:"disk_used"`
+	DiskTotal   uint64  `json:"disk_total"`
+}
+
+func (s *Server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	m, err := readMetrics()
+	if err != nil {
+		reply.Error(w, http.StatusInternalServerError, "read metrics: %v", err)
+		return
+	}
+	reply.JSON(w, http.StatusOK, m)
+}
+
+func readMetrics() (*metrics, error) {
+	m := &metrics{Timestamp: time.Now().Unix(), CPUCount: runtime.NumCPU()}
+	// CPU use over a short window: two samples of /proc/stat.
+	busy1, total1, err := cpuTimes()
+	if err != nil {
+		return nil, err
+	}
+	time.Sleep(100 * time.Millisecond)
+	busy2, total2, err := cpuTimes()
+	if err != nil {
+		return nil, err
+	}
+	if total2 > total1 {
+		m.CPUUsedPct = float64(int(10000*float64(busy2-busy1)/float64(total2-total1))) / 100
+	}
+	mem, err := meminfo()
+	if err != nil {
+		return nil, err
+	}
+	m.MemTotal = mem["MemTotal"]
+	m.MemCache = mem["Cached"] + mem["Buffers"]
+	if avail, ok := mem["MemAvailable"]; ok && avail <= m.MemTotal {
+		m.MemUsed = m.MemTotal - avail
+	}
+	m.MemTotalMiB, m.MemUsedMiB = m.MemTotal>>20, m.MemUsed>>20
+	var st unix.Statfs_t
+	if err := unix.Statfs("/", &st); err != nil {
+		return nil, fmt.Errorf("statfs /: %w", err)
+	}
+	m.DiskTotal = st.Blocks * uint64(st.Bsize)
+	m.DiskUsed = (st.Blocks - st.Bfree) * uint64(st.Bsize)
+	return m, nil
+}
+
+// cpuTimes returns busy and total jiffies from the first line of /proc/stat.
+func cpuTimes() (busy, total uint64, err error) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, err
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	fields := strings.Fields(line)
+	if len(fields) < 5 || fields[0] != "cpu" {
+		return 0, 0, fmt.Errorf("unexpected /proc/stat line %q", line)
+	}
+	for i, f := range fields[1:] {
+		v, _ := strconv.ParseUint(f, 10, 64)
+		total += v
+		if i != 3 && i != 4 { // idle, iowait
+			busy += v
+		}
+	}
+	return busy, total, nil
+}
+
+// meminfo returns /proc/meminfo in bytes.
+func meminfo() (map[string]uint64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	out := map[string]uint64{}
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		key, rest, ok := strings.Cut(sc.Text(), ":")
+		if !ok {
+			continue
+		}
+		fields := strings.Fields(rest)
+		if len(fields) == 0 {
+			continue
+		}
+		v, err := strconv.ParseUint(fields[0], 10, 64)
+		if err != nil {
+			continue
+		}
+		if len(fields) > 1 && fields[1] == "kB" {
+			v *= 1024
+		}
+		out[key] = v
+	}
+	return out, sc.Err()
+}
