@@ -1,11 +1,20 @@
 // Package files serves envd's GET and POST /files: raw file download and
-// upload, authorised by the access token or a signed URL.
+// upload, authorised by the access token or a signed URL (ENVD.md §8, §9).
+//
+// Every filesystem syscall that depends on who asks (open, mkdir, create,
+// rename, xattrs) runs inside identity.User.Do, so permission checks and the
+// owner of created files are the requesting user's. Bodies stream: a 100 MiB
+// upload or download never sits in memory.
 package files
 
 import (
+	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 
+	"github.com/warren-sh/warren/internal/envd/identity"
+	"github.com/warren-sh/warren/internal/envd/reply"
 	"github.com/warren-sh/warren/internal/envd/state"
 )
 
@@ -20,6 +29,78 @@ func NewHandler(st *state.Sandbox, log *slog.Logger) *Handler {
 	return &Handler{state: st, log: log}
 }
 
+// ServeHTTP answers GET (and HEAD) with a file's bytes and POST by writing files.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	http.Error(w, "not implemented", http.StatusNotImplemented)
+	var op string
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		op = opRead
+	case http.MethodPost:
+		op = opWrite
+	default:
+		w.Header().Set("Allow", "GET, HEAD, POST")
+		reply.Error(w, http.StatusMethodNotAllowed, "method %s is not allowed on /files, use GET or POST", r.Method)
+		return
+	}
+	if err := h.authorize(r, op); err != nil {
+		h.log.Debug("files: unauthorized", "method", r.Method, "path", r.URL.Query().Get("path"), "err", err)
+		reply.Error(w, http.StatusUnauthorized, "%s", err.Error())
+		return
+	}
+	user, err := h.user(r)
+	if err != nil {
+		h.log.Debug("files: unknown user", "method", r.Method, "err", err)
+		reply.Error(w, http.StatusUnauthorized, "%s", err.Error())
+		return
+	}
+	if op == opRead {
+		h.download(w, r, user)
+		return
+	}
+	h.upload(w, r, user)
+}
+
+// user picks the account a request acts as: ?username=, else the Basic auth
+// header (as the SDK sends it), else the sandbox default (ENVD.md §4).
+func (h *Handler) user(r *http.Request) (*identity.User, error) {
+	if name := r.URL.Query().Get("username"); name != "" {
+		u, err := identity.Lookup(name)
+		if err != nil {
+			return nil, fmt.Errorf("error looking up user '%s': %w", name, err)
+		}
+		return u, nil
+	}
+	auth := r.Header.Get("Authorization")
+	u, err := identity.FromBasicAuth(auth, h.state.DefaultUser())
+	if err != nil {
+		name := h.state.DefaultUser()
+		if auth != "" {
+			name, _, _ = r.BasicAuth()
+		}
+		return nil, fmt.Errorf("error looking up user '%s': %w", name, err)
+	}
+	return u, nil
+}
+
+// httpError is a failure with the status the client should see; its message
+// is the body's "message".
+type httpError struct {
+	status int
+	msg    string
+}
+
+func (e *httpError) Error() string { return e.msg }
+
+func errorf(status int, format string, args ...any) error {
+	return &httpError{status: status, msg: fmt.Sprintf(format, args...)}
+}
+
+// writeError answers err: its own status for an httpError, 500 otherwise.
+func writeError(w http.ResponseWriter, err error) {
+	var he *httpError
+	if errors.As(err, &he) {
+		reply.Error(w, he.status, "%s", he.msg)
+		return
+	}
+	reply.Error(w, http.StatusInternalServerError, "%s", err.Error())
 }
