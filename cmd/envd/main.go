@@ -14,11 +14,16 @@ import (
 	"syscall"
 
 	"github.com/warren-sh/warren/internal/envd"
+	"github.com/warren-sh/warren/internal/envd/guestinit"
 	"github.com/warren-sh/warren/internal/version"
 )
 
 func main() {
-	if err := run(); err != nil {
+	err := run()
+	if os.Getpid() == 1 {
+		guestinit.PowerOff(os.Stderr, err) // PID 1 must not exit: the kernel would panic
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "envd:", err)
 		os.Exit(1)
 	}
@@ -45,6 +50,7 @@ Flags (each also read from the environment variable shown):
 	initSecret := fs.String("init-secret", envStr("WARREN_ENVD_INIT_SECRET", ""), "secret that lets the node re-/init a sandbox that already has an access token (WARREN_ENVD_INIT_SECRET)")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_ENVD_VERBOSE") == "true", "log every request at debug level (WARREN_ENVD_VERBOSE=true)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
+	initMode := fs.Bool("init", os.Getpid() == 1, "act as a warren microVM's init first: mount, load modules, switch to the root disk, configure the network (default as PID 1)")
 	fs.Parse(os.Args[1:])
 	if *showVersion {
 		fmt.Printf("envd %s (protocol %s)\n", version.Version, version.EnvdVersion)
@@ -58,12 +64,17 @@ Flags (each also read from the environment variable shown):
 		level = slog.LevelDebug
 	}
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	if *initMode {
+		if err := guestinit.Boot(os.Stderr); err != nil {
+			return fmt.Errorf("init: %w", err)
+		}
+	}
 
 	ln, err := net.Listen("tcp", net.JoinHostPort(*host, strconv.Itoa(*port)))
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, Log: log})
+	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, SetClock: *initMode, Log: log})
 	defer srv.Close()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

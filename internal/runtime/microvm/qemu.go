@@ -1,0 +1,219 @@
+// Package microvm runs sandboxes as QEMU microvm virtual machines: Debian's
+// cloud kernel, warren's initramfs with envd as init, a virtio-blk root disk and
+// virtio-net on a tap device inside the sandbox's network namespace.
+package microvm
+
+import (
+	"bufio"
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/warren-sh/warren/internal/envd/guestinit"
+)
+
+// Binary is the QEMU system emulator warren runs (Debian's qemu-system-x86).
+const Binary = "qemu-system-x86_64"
+
+// GuestMAC is every guest's MAC address. It never varies: a snapshot's guest
+// keeps its neighbour cache, and clones given a new MAC answered only after
+// ~44 s (notes/MEASURED.md). 02: locally administered; then "warrn".
+const GuestMAC = "02:77:61:72:72:6e"
+
+// Accel is how QEMU runs guest code.
+type Accel string
+
+const (
+	// KVM runs the guest on the CPU's hardware virtualization.
+	KVM Accel = "kvm"
+	// TCG emulates the CPU in software: several times slower, works anywhere.
+	TCG Accel = "tcg"
+)
+
+// DetectAccel picks KVM when the CPU advertises hardware virtualization (vmx
+// or svm) and /dev/kvm opens, TCG otherwise; why names the reason for TCG so
+// callers can warn. A /dev/kvm without vmx/svm is a paravirtual one (such as
+// kvm-pvm) that cannot run a stock kernel.
+func DetectAccel() (accel Accel, why string) {
+	flags, err := cpuFlags()
+	if err != nil {
+		return TCG, fmt.Sprintf("cannot read CPU flags: %v", err)
+	}
+	if !flags["vmx"] && !flags["svm"] {
+		return TCG, "the CPU has no hardware virtualization (vmx/svm); a /dev/kvm here cannot run a stock guest kernel"
+	}
+	f, err := os.OpenFile("/dev/kvm", os.O_RDWR, 0)
+	if err != nil {
+		return TCG, fmt.Sprintf("/dev/kvm: %v", err)
+	}
+	f.Close()
+	return KVM, ""
+}
+
+// cpuFlags returns the flags of the first CPU in /proc/cpuinfo.
+func cpuFlags() (map[string]bool, error) {
+	v, err := cpuinfo("flags")
+	if err != nil {
+		return nil, err
+	}
+	flags := map[string]bool{}
+	for _, f := range strings.Fields(v) {
+		flags[f] = true
+	}
+	return flags, nil
+}
+
+// HostTSCkHz is the host's TSC frequency in kHz. Under TCG the guest's TSC is
+// the host's, and the guest kernel must be told its rate (tsc_early_khz):
+// calibrating it under emulation is slow and can hang. It reads /proc/cpuinfo's
+// "cpu MHz", which is the TSC rate on hosts with a constant TSC.
+func HostTSCkHz() (int, error) {
+	v, err := cpuinfo("cpu MHz")
+	if err != nil {
+		return 0, err
+	}
+	mhz, err := strconv.ParseFloat(v, 64)
+	if err != nil || mhz <= 0 {
+		return 0, fmt.Errorf("/proc/cpuinfo: cpu MHz %q is not a frequency", v)
+	}
+	return int(mhz * 1000), nil
+}
+
+// cpuinfo returns the first value of key in /proc/cpuinfo.
+func cpuinfo(key string) (string, error) {
+	b, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return "", err
+	}
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	for sc.Scan() {
+		k, v, ok := strings.Cut(sc.Text(), ":")
+		if ok && strings.TrimSpace(k) == key {
+			return strings.TrimSpace(v), nil
+		}
+	}
+	return "", fmt.Errorf("/proc/cpuinfo has no %q line", key)
+}
+
+// Machine is one VM as QEMU sees it: everything its command line needs.
+type Machine struct {
+	Accel     Accel
+	CPUs      int // 0: 1
+	MemoryMiB int // 0: 256
+	// TSCkHz is the host TSC rate (HostTSCkHz); required under TCG.
+	TSCkHz int
+
+	Kernel    string // bzImage
+	Initramfs string // guest.BuildInitramfs
+	// RootDisk is the guest's /dev/vda, an ext4 image; RootFormat is its QEMU
+	// format ("raw", or "qcow2" for an overlay).
+	RootDisk, RootFormat string
+
+	// Tap is the tap device in QEMU's network namespace that carries eth0.
+	Tap string
+	// Network is the guest's eth0 address and gateway; Hostname its hostname.
+	Network  guestinit.Network
+	Hostname string
+
+	QMPSocket string // unix socket QEMU listens on for QMP
+	SerialLog string // file that receives the guest console
+}
+
+// Args returns QEMU's command line (without the binary).
+func (m Machine) Args() ([]string, error) {
+	if err := m.validate(); err != nil {
+		return nil, err
+	}
+	cpus, mem := max(m.CPUs, 1), m.MemoryMiB
+	if mem == 0 {
+		mem = 256
+	}
+	// qboot (Debian's microvm firmware) and ACPI stay on: the cloud kernel finds
+	// the virtio-mmio slots only through the ACPI DSDT. The RTC stays too
+	// (rtc=off cost 2 s); pit/pic off and no option ROMs save boot time.
+	args := []string{
+		"-M", "microvm,x-option-roms=off,isa-serial=on,pit=off,pic=off",
+		"-accel", string(m.Accel),
+		"-cpu", map[Accel]string{KVM: "host", TCG: "qemu64"}[m.Accel],
+		"-smp", strconv.Itoa(cpus),
+		"-m", strconv.Itoa(mem),
+		"-nodefaults", "-no-user-config", "-display", "none",
+		// A guest reset (or panic=-1) ends QEMU instead of rebooting.
+		"-no-reboot",
+		"-serial", "file:" + m.SerialLog,
+		"-kernel", m.Kernel,
+		"-initrd", m.Initramfs,
+		"-append", m.cmdline(),
+		"-drive", "id=root,if=none,format=" + m.RootFormat + ",file=" + escape(m.RootDisk),
+		"-device", "virtio-blk-device,drive=root",
+		"-netdev", "tap,id=net0,ifname=" + escape(m.Tap) + ",script=no,downscript=no",
+		"-device", "virtio-net-device,netdev=net0,mac=" + GuestMAC,
+		"-qmp", "unix:" + escape(m.QMPSocket) + ",server=on,wait=off",
+	}
+	return args, nil
+}
+
+// cmdline is the guest kernel's command line. Unknown key=value arguments
+// reach envd's init as environment variables (guestinit.Env*).
+func (m Machine) cmdline() string {
+	args := []string{
+		"console=ttyS0", "quiet", "8250.nr_uarts=1",
+		// A kernel panic resets at once, which ends QEMU (-no-reboot).
+		"panic=-1",
+	}
+	if m.Accel == TCG {
+		// Without these the kernel may hang calibrating the TSC under TCG.
+		args = append(args, "tsc_early_khz="+strconv.Itoa(m.TSCkHz), "tsc=reliable")
+	}
+	args = append(args, guestinit.EnvAddr+"="+m.Network.Addr.String())
+	if m.Network.Gateway.IsValid() {
+		args = append(args, guestinit.EnvGateway+"="+m.Network.Gateway.String())
+	}
+	if m.Hostname != "" {
+		args = append(args, guestinit.EnvHostname+"="+m.Hostname)
+	}
+	return strings.Join(args, " ")
+}
+
+func (m Machine) validate() error {
+	var errs []error
+	switch m.Accel {
+	case KVM:
+	case TCG:
+		if m.TSCkHz <= 0 {
+			errs = append(errs, errors.New("TSCkHz is required under TCG (see HostTSCkHz)"))
+		}
+	default:
+		errs = append(errs, fmt.Errorf("accel %q is not one of kvm, tcg", m.Accel))
+	}
+	if m.RootFormat != "raw" && m.RootFormat != "qcow2" {
+		errs = append(errs, fmt.Errorf("root disk format %q is not one of raw, qcow2", m.RootFormat))
+	}
+	for name, v := range map[string]string{
+		"Kernel": m.Kernel, "Initramfs": m.Initramfs, "RootDisk": m.RootDisk,
+		"Tap": m.Tap, "QMPSocket": m.QMPSocket, "SerialLog": m.SerialLog,
+	} {
+		if v == "" {
+			errs = append(errs, fmt.Errorf("%s is required", name))
+		}
+	}
+	if !m.Network.Addr.IsValid() || !m.Network.Addr.Addr().Is4() {
+		errs = append(errs, fmt.Errorf("network address %v is not an IPv4 prefix", m.Network.Addr))
+	}
+	if m.Network.Gateway.IsValid() && !m.Network.Addr.Masked().Contains(m.Network.Gateway) {
+		errs = append(errs, fmt.Errorf("gateway %s is outside %s", m.Network.Gateway, m.Network.Addr.Masked()))
+	}
+	if strings.ContainsAny(m.Hostname, " \t\n") {
+		errs = append(errs, fmt.Errorf("hostname %q contains white space", m.Hostname))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("invalid machine: %w", err)
+	}
+	return nil
+}
+
+// escape doubles commas, QEMU's escape inside a comma-separated option value.
+func escape(s string) string { return strings.ReplaceAll(s, ",", ",,") }
