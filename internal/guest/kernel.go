@@ -9,7 +9,6 @@
 package guest
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -37,33 +36,29 @@ type Kernel struct {
 	ModulesDir string
 }
 
-// FetchKernel returns the cloud kernel unpacked under dataDir/kernels,
-// downloading it with apt-get when that version is not there yet. Progress
-// lines go to progress (nil discards them).
+// FetchKernel returns the cloud kernel unpacked under dataDir/kernels. The
+// first call downloads the current one with apt-get; later calls reuse it
+// without asking apt, so the guest kernel (which snapshots depend on) changes
+// only when dataDir/kernels is removed. Progress lines go to progress (nil
+// discards them).
 func FetchKernel(ctx context.Context, dataDir string, progress io.Writer) (*Kernel, error) {
 	if progress == nil {
 		progress = io.Discard
 	}
 	root := filepath.Join(dataDir, "kernels")
+	if k, err := cachedKernel(root); err == nil {
+		return k, nil
+	}
 	pkg, version, err := resolveKernel(ctx)
 	if err != nil {
-		// No package lists (a fresh machine) or an offline one: a kernel
-		// fetched before still boots; otherwise refresh the lists once.
-		if k, cerr := newestCached(root); cerr == nil {
-			fmt.Fprintf(progress, "guest: cannot resolve %s (%v); using cached %s %s\n", KernelPackage, err, k.Package, k.Version)
-			return k, nil
-		}
-		fmt.Fprintf(progress, "guest: cannot resolve %s (%v); running apt-get update\n", KernelPackage, err)
+		// A fresh machine may have no package lists yet.
+		fmt.Fprintf(progress, "guest: %v; running apt-get update\n", err)
 		if err := aptUpdate(ctx); err != nil {
 			return nil, err
 		}
 		if pkg, version, err = resolveKernel(ctx); err != nil {
 			return nil, err
 		}
-	}
-	dir := filepath.Join(root, pkg+"_"+version)
-	if k, err := openKernel(dir); err == nil {
-		return k, nil
 	}
 	fmt.Fprintf(progress, "guest: fetching %s %s into %s\n", pkg, version, root)
 	if err := os.MkdirAll(root, 0o755); err != nil {
@@ -86,7 +81,6 @@ func FetchKernel(ctx context.Context, dataDir string, progress io.Writer) (*Kern
 		if pkg, version, err = resolveKernel(ctx); err != nil {
 			return nil, err
 		}
-		dir = filepath.Join(root, pkg+"_"+version)
 		if deb, err = download(ctx, tmp, pkg, version); err != nil {
 			return nil, err
 		}
@@ -95,6 +89,7 @@ func FetchKernel(ctx context.Context, dataDir string, progress io.Writer) (*Kern
 	if err := run(ctx, "dpkg-deb", "-x", deb, unpacked); err != nil {
 		return nil, err
 	}
+	dir := filepath.Join(root, pkg+"_"+version)
 	if err := os.Rename(unpacked, dir); err != nil && !errors.Is(err, os.ErrExist) {
 		return nil, fmt.Errorf("install kernel into %s: %w", dir, err)
 	}
@@ -106,34 +101,30 @@ func FetchKernel(ctx context.Context, dataDir string, progress io.Writer) (*Kern
 	return k, nil
 }
 
-// resolveKernel finds the versioned package the metapackage depends on and
-// the version apt would download.
+// resolveKernel finds the versioned package the metapackage depends on, and
+// its version, from the metapackage's record: Debian's metapackage pins it
+// ("Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"). One apt-cache
+// call: without a binary cache each call parses every package list (~1.5 s).
 func resolveKernel(ctx context.Context) (pkg, version string, err error) {
-	out, err := output(ctx, "apt-cache", "depends", "--no-recommends", "--no-suggests", KernelPackage)
+	out, err := output(ctx, "apt-cache", "show", "--no-all-versions", KernelPackage)
 	if err != nil {
 		return "", "", err
 	}
 	for _, line := range strings.Split(out, "\n") {
-		dep, ok := strings.CutPrefix(strings.TrimSpace(line), "Depends: ")
-		if ok && strings.HasPrefix(dep, "linux-image-") {
-			pkg = dep
-			break
+		deps, ok := strings.CutPrefix(line, "Depends: ")
+		if !ok {
+			continue
+		}
+		for _, dep := range strings.Split(deps, ",") {
+			// "linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)"
+			name, constraint, _ := strings.Cut(strings.TrimSpace(dep), " ")
+			v, pinned := strings.CutPrefix(constraint, "(= ")
+			if strings.HasPrefix(name, "linux-image-") && pinned {
+				return name, strings.TrimSuffix(v, ")"), nil
+			}
 		}
 	}
-	if pkg == "" {
-		return "", "", fmt.Errorf("apt-cache depends %s names no linux-image-* package", KernelPackage)
-	}
-	out, err = output(ctx, "apt-cache", "show", "--no-all-versions", pkg)
-	if err != nil {
-		return "", "", err
-	}
-	sc := bufio.NewScanner(strings.NewReader(out))
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), "Version: "); ok {
-			return pkg, strings.TrimSpace(v), nil
-		}
-	}
-	return "", "", fmt.Errorf("apt-cache show %s gives no version", pkg)
+	return "", "", fmt.Errorf("apt-cache show %s names no linux-image-* package pinned with (= version)", KernelPackage)
 }
 
 // download fetches pkg=version into dir and returns the .deb's path.
@@ -182,20 +173,27 @@ func openKernel(dir string) (*Kernel, error) {
 	return k, nil
 }
 
-// newestCached returns the last kernel (by directory name) under root.
-func newestCached(root string) (*Kernel, error) {
+// cachedKernel returns the kernel a previous FetchKernel unpacked under root.
+func cachedKernel(root string) (*Kernel, error) {
 	entries, err := os.ReadDir(root)
 	if err != nil {
 		return nil, err
 	}
-	for i := len(entries) - 1; i >= 0; i-- {
-		if name := entries[i].Name(); entries[i].IsDir() && !strings.HasPrefix(name, ".") {
-			if k, err := openKernel(filepath.Join(root, name)); err == nil {
-				return k, nil
+	var found []*Kernel
+	for _, e := range entries {
+		if e.IsDir() && !strings.HasPrefix(e.Name(), ".") {
+			if k, err := openKernel(filepath.Join(root, e.Name())); err == nil {
+				found = append(found, k)
 			}
 		}
 	}
-	return nil, fmt.Errorf("no kernel cached in %s", root)
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no kernel cached in %s", root)
+	case 1:
+		return found[0], nil
+	}
+	return nil, fmt.Errorf("%d kernels cached in %s; keep one", len(found), root)
 }
 
 func run(ctx context.Context, name string, args ...string) error {

@@ -328,7 +328,7 @@ func TestBootToHealth(t *testing.T) {
 		t.Errorf("/metrics mem_total = %v, want the guest's (0, 256 MiB]; body %s", metrics["mem_total"], body)
 	}
 	serial, _ := os.ReadFile(v.serial)
-	if !bytes.Contains(serial, []byte("warren-init: ready")) {
+	if !bytes.Contains(serial, []byte("warren-init: ready at")) {
 		t.Errorf("console lacks init's ready line:\n%s", serial)
 	}
 }

@@ -1,0 +1,186 @@
+package guest
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// kernelCache is shared with internal/runtime/microvm's boot test: the kernel
+// is fetched once per machine, not once per test run.
+const kernelCache = "/var/tmp/warren-test-cache"
+
+// fetchKernel fetches (or reuses) the real Debian kernel; it needs apt-get,
+// dpkg-deb and Debian's archive.
+func fetchKernel(t *testing.T) *Kernel {
+	t.Helper()
+	for _, tool := range []string{"apt-get", "apt-cache", "dpkg-deb"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			t.Fatalf("%s is missing: this needs a Debian host with apt and dpkg", tool)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var progress bytes.Buffer
+	k, err := FetchKernel(ctx, kernelCache, &progress)
+	if err != nil {
+		t.Fatalf("FetchKernel: %v\n%s", err, progress.String())
+	}
+	return k
+}
+
+// TestFetchKernel downloads into a fresh data dir (~27 MB from Debian's
+// archive, a few seconds) so the apt path runs every time, then checks that a
+// second call reuses it.
+func TestFetchKernel(t *testing.T) {
+	dataDir := t.TempDir()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	var first bytes.Buffer
+	k, err := FetchKernel(ctx, dataDir, &first)
+	if err != nil {
+		t.Fatalf("FetchKernel: %v\n%s", err, first.String())
+	}
+	if !strings.Contains(first.String(), "fetching "+k.Package) {
+		t.Errorf("first FetchKernel reported %q, want a fetch of %s", first.String(), k.Package)
+	}
+	if !strings.HasPrefix(k.Package, "linux-image-") || !strings.HasSuffix(k.Release, "-cloud-amd64") {
+		t.Errorf("kernel %+v is not a cloud-amd64 linux-image package", k)
+	}
+	if fi, err := os.Stat(k.Image); err != nil || fi.Size() < 1<<20 {
+		t.Errorf("kernel image %s: %v (size %v), want a bzImage of several MB", k.Image, err, fi)
+	}
+	if !strings.HasPrefix(k.Image, dataDir+"/") || !strings.HasPrefix(k.ModulesDir, dataDir+"/") {
+		t.Errorf("kernel %+v lies outside the data dir %s", k, dataDir)
+	}
+	if leftovers, _ := filepath.Glob(filepath.Join(dataDir, "kernels", ".fetch-*")); len(leftovers) > 0 {
+		t.Errorf("download leftovers %v", leftovers)
+	}
+
+	// A second call reuses the unpacked kernel: no download, same files.
+	var progress bytes.Buffer
+	before, err := os.Stat(k.Image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := FetchKernel(ctx, dataDir, &progress)
+	if err != nil {
+		t.Fatal(err)
+	}
+	after, err := os.Stat(again.Image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if *again != *k || !os.SameFile(before, after) || progress.Len() != 0 {
+		t.Errorf("second FetchKernel = %+v (progress %q), want the cached %+v without fetching", again, progress.String(), k)
+	}
+}
+
+func TestModuleOrder(t *testing.T) {
+	k := fetchKernel(t)
+	mods, err := ModuleOrder(k.ModulesDir, Modules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, m := range mods {
+		names = append(names, m.Name)
+	}
+	// The set the microvm needs on Debian 6.1; their order comes from depends=.
+	for _, want := range []string{"virtio_ring", "virtio", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net"} {
+		if !slices.Contains(names, want) {
+			t.Errorf("order %v lacks %s", names, want)
+		}
+	}
+	for i, m := range mods {
+		for _, dep := range m.Depends {
+			if j := slices.Index(names, dep); j < 0 || j > i {
+				t.Errorf("%s comes at %d but its dependency %s at %d: %v", m.Name, i, dep, j, names)
+			}
+		}
+	}
+	if _, err := ModuleOrder(k.ModulesDir, []string{"no_such_module"}); err == nil || !strings.Contains(err.Error(), "no_such_module") {
+		t.Errorf("ModuleOrder of a missing module: err = %v, want one naming it", err)
+	}
+}
+
+// TestBuildInitramfs unpacks the archive with busybox's cpio, an independent
+// reader of the newc format, and checks every entry.
+func TestBuildInitramfs(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("unpacking /dev/console (a device node) needs root")
+	}
+	if _, err := exec.LookPath("busybox"); err != nil {
+		t.Fatal("busybox is missing; install with: apt-get install -y busybox-static")
+	}
+	k := fetchKernel(t)
+	dir := t.TempDir()
+	envd := filepath.Join(dir, "fake-envd")
+	// Odd length: exercises the 4-byte padding after file data.
+	envdContent := []byte("#!/bin/sh\necho not really envd\n!")
+	if err := os.WriteFile(envd, envdContent, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "initramfs.cpio")
+	if err := BuildInitramfs(k, envd, out); err != nil {
+		t.Fatal(err)
+	}
+
+	root := filepath.Join(dir, "unpacked")
+	os.Mkdir(root, 0o755)
+	archive, err := os.Open(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer archive.Close()
+	cmd := exec.Command("busybox", "cpio", "-i", "-d")
+	cmd.Dir, cmd.Stdin = root, archive
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("busybox cpio -i: %v\n%s", err, b)
+	}
+
+	if got, err := os.ReadFile(filepath.Join(root, "init")); err != nil || !bytes.Equal(got, envdContent) {
+		t.Errorf("/init = %q, %v; want the envd binary", got, err)
+	}
+	if fi, err := os.Stat(filepath.Join(root, "init")); err != nil || fi.Mode().Perm() != 0o755 {
+		t.Errorf("/init mode: %v %v, want 0755", fi.Mode(), err)
+	}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(root, "dev/console"), &st); err != nil ||
+		st.Mode&unix.S_IFMT != unix.S_IFCHR || unix.Major(st.Rdev) != 5 || unix.Minor(st.Rdev) != 1 {
+		t.Errorf("/dev/console: %v, mode %o rdev %d:%d; want char device 5:1", err, st.Mode, unix.Major(st.Rdev), unix.Minor(st.Rdev))
+	}
+	for _, d := range []string{"dev", "proc", "sys", "newroot"} {
+		if fi, err := os.Stat(filepath.Join(root, d)); err != nil || !fi.IsDir() {
+			t.Errorf("/%s: %v, want a directory", d, err)
+		}
+	}
+	order, err := os.ReadFile(filepath.Join(root, "lib/modules/order"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	mods, err := ModuleOrder(k.ModulesDir, Modules)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var want []string
+	for _, m := range mods {
+		want = append(want, m.Name)
+		got, err := os.ReadFile(filepath.Join(root, "lib/modules", m.Name+".ko"))
+		orig, _ := os.ReadFile(m.Path)
+		if err != nil || !bytes.Equal(got, orig) {
+			t.Errorf("module %s in the archive differs from %s (%v)", m.Name, m.Path, err)
+		}
+	}
+	if got := strings.Fields(string(order)); !slices.Equal(got, want) {
+		t.Errorf("lib/modules/order = %v, want %v", got, want)
+	}
+}
