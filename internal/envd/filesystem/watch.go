@@ -253,45 +253,50 @@ func (w *dirWatch) run() {
 // with "mkdir -p a/b && touch a/b/f"; such an entry may get a second CREATE
 // from the new watch).
 func (w *dirWatch) handle(e fsnotify.Event) []*rpc.FilesystemEvent {
-	var found []string
-	if w.opts.recursive {
-		if w.isEcho(e) {
-			return nil
-		}
-		switch {
-		case e.Has(fsnotify.Rename) && w.subdirs[e.Name]:
-			w.forget(e.Name)
-			w.moved[e.Name] = true
-		case e.Has(fsnotify.Remove) && w.subdirs[e.Name]:
-			w.forget(e.Name)
-		case e.Has(fsnotify.Create):
-			w.user.Do(func() error {
+	if w.opts.recursive && w.isEcho(e) {
+		return nil
+	}
+	var out []*rpc.FilesystemEvent
+	translate := func() error {
+		var found []string
+		if w.opts.recursive {
+			switch {
+			case e.Has(fsnotify.Rename) && w.subdirs[e.Name]:
+				w.forget(e.Name)
+				w.moved[e.Name] = true
+			case e.Has(fsnotify.Remove) && w.subdirs[e.Name]:
+				w.forget(e.Name)
+			case e.Has(fsnotify.Create):
 				if info, err := os.Lstat(e.Name); err == nil && info.IsDir() {
 					found = w.watchTree(e.Name, true)
 				}
-				return nil
-			})
+			}
 		}
-	}
-
-	var out []*rpc.FilesystemEvent
-	// Several operations can arrive in one event; E2B reports each.
-	for _, m := range []struct {
-		op  fsnotify.Op
-		typ rpc.EventType
-	}{
-		{fsnotify.Create, rpc.EventType_EVENT_TYPE_CREATE},
-		{fsnotify.Rename, rpc.EventType_EVENT_TYPE_RENAME},
-		{fsnotify.Chmod, rpc.EventType_EVENT_TYPE_CHMOD},
-		{fsnotify.Write, rpc.EventType_EVENT_TYPE_WRITE},
-		{fsnotify.Remove, rpc.EventType_EVENT_TYPE_REMOVE},
-	} {
-		if e.Has(m.op) {
-			out = append(out, w.event(e.Name, m.typ))
+		// Several operations can arrive in one event; E2B reports each.
+		for _, m := range []struct {
+			op  fsnotify.Op
+			typ rpc.EventType
+		}{
+			{fsnotify.Create, rpc.EventType_EVENT_TYPE_CREATE},
+			{fsnotify.Rename, rpc.EventType_EVENT_TYPE_RENAME},
+			{fsnotify.Chmod, rpc.EventType_EVENT_TYPE_CHMOD},
+			{fsnotify.Write, rpc.EventType_EVENT_TYPE_WRITE},
+			{fsnotify.Remove, rpc.EventType_EVENT_TYPE_REMOVE},
+		} {
+			if e.Has(m.op) {
+				out = append(out, w.event(e.Name, m.typ))
+			}
 		}
+		for _, p := range found {
+			out = append(out, w.event(p, rpc.EventType_EVENT_TYPE_CREATE))
+		}
+		return nil
 	}
-	for _, p := range found {
-		out = append(out, w.event(p, rpc.EventType_EVENT_TYPE_CREATE))
+	// User.Do costs an OS thread, so only events that touch files pay for it.
+	if w.opts.includeEntry || (w.opts.recursive && e.Has(fsnotify.Create)) {
+		w.user.Do(translate)
+	} else {
+		translate()
 	}
 	return out
 }
@@ -313,7 +318,7 @@ func (w *dirWatch) isEcho(e fsnotify.Event) bool {
 }
 
 // event builds the E2B event for path; the entry is only added for events
-// after which the path exists.
+// after which the path exists. With include_entry it runs inside User.Do.
 func (w *dirWatch) event(path string, typ rpc.EventType) *rpc.FilesystemEvent {
 	name, err := filepath.Rel(w.root, path)
 	if err != nil {
@@ -321,11 +326,8 @@ func (w *dirWatch) event(path string, typ rpc.EventType) *rpc.FilesystemEvent {
 	}
 	ev := &rpc.FilesystemEvent{Name: name, Type: typ}
 	if w.opts.includeEntry && (typ == rpc.EventType_EVENT_TYPE_CREATE || typ == rpc.EventType_EVENT_TYPE_WRITE || typ == rpc.EventType_EVENT_TYPE_CHMOD) {
-		w.user.Do(func() error {
-			// Gone again already: the event goes out without an entry.
-			ev.Entry, _ = newInspector().entry(path)
-			return nil
-		})
+		// Gone again already: the event goes out without an entry.
+		ev.Entry, _ = newInspector().entry(path)
 	}
 	return ev
 }

@@ -100,6 +100,22 @@ func TestWatchDir(t *testing.T) {
 					return ev.GetName() == "marker.txt"
 				})
 			})
+			t.Run("recursive watch reports a subdirectory's chmod once", func(t *testing.T) {
+				dir := e.path(c.name + "-chmod")
+				e.mkdir(t, dir+"/sub")
+				ws := openWatch(t, fs, &rpc.WatchDirRequest{Path: dir, Recursive: true}, nil)
+				if err := os.Chmod(dir+"/sub", 0o700); err != nil {
+					t.Fatal(err)
+				}
+				ws.waitEvent(t, isEvent(evChmod, "sub"))
+				e.writeFile(t, dir+"/marker.txt", "x")
+				ws.waitEvent(t, func(ev *rpc.FilesystemEvent) bool {
+					if ev.GetName() == "sub" {
+						t.Errorf("second event for sub: %v", ev.GetType())
+					}
+					return ev.GetName() == "marker.txt"
+				})
+			})
 			t.Run("include_entry describes created and written entries only", func(t *testing.T) {
 				dir := e.path(c.name + "-entry")
 				e.mkdir(t, dir)
