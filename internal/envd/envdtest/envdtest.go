@@ -37,7 +37,10 @@ var (
 	buildErr  error
 )
 
-// Binary builds cmd/envd (static, like the guest agent) once per test process.
+// Binary builds cmd/envd (static, like the guest agent) once per test process,
+// under the module's bin/test/<pid>/; builds of test processes that are gone
+// are removed first, so nothing piles up. Under -race, envd is built with the
+// race detector too, so the agent's own code is race-checked by its tests.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
@@ -46,15 +49,23 @@ func Binary(t testing.TB) string {
 			buildErr = err
 			return
 		}
-		dir, err := os.MkdirTemp("", "envdtest-bin-")
-		if err != nil {
+		base := filepath.Join(root, "bin", "test")
+		removeStaleBuilds(base)
+		dir := filepath.Join(base, strconv.Itoa(os.Getpid()))
+		if err := os.MkdirAll(dir, 0o755); err != nil {
 			buildErr = err
 			return
 		}
 		buildPath = filepath.Join(dir, "envd")
-		cmd := exec.Command("go", "build", "-o", buildPath, "./cmd/envd")
+		args := []string{"build", "-o", buildPath}
+		env := append(os.Environ(), "CGO_ENABLED=0")
+		if raceEnabled {
+			args = append(args, "-race")
+			env = append(os.Environ(), "CGO_ENABLED=1")
+		}
+		cmd := exec.Command("go", append(args, "./cmd/envd")...)
 		cmd.Dir = root
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		cmd.Env = env
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build ./cmd/envd: %v\n%s", err, out)
 		}
@@ -63,6 +74,20 @@ func Binary(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return buildPath
+}
+
+// removeStaleBuilds deletes bin/test/<pid> directories of processes that no longer run.
+func removeStaleBuilds(base string) {
+	entries, _ := os.ReadDir(base)
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		if err := syscall.Kill(pid, 0); err == syscall.ESRCH {
+			os.RemoveAll(filepath.Join(base, e.Name()))
+		}
+	}
 }
 
 func moduleRoot() (string, error) {

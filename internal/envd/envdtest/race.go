@@ -1,0 +1,5 @@
+//go:build race
+
+package envdtest
+
+const raceEnabled = true
