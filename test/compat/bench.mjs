@@ -1,14 +1,17 @@
 // envd benchmarks through the official SDK in debug mode (bench.sh starts
 // envd), each beside a baseline without envd:
-//   - commands.run('true') round trip vs. spawnSync('bash -l -c true') from Node;
+//   - commands.run('true') round trip vs. spawnSync('bash -l -c true') from
+//     Node, as the same user with the same kind of login environment;
 //   - 100 MiB upload/download through files.write/read vs. a plain loopback
-//     HTTP copy of the same bytes (a Node server that discards / serves them).
+//     HTTP copy of the same bytes (a Node server thread that discards / serves
+//     them), through the same fetch client the SDK uses.
 // Prints a markdown table.
 import { spawnSync } from 'node:child_process'
-import { randomBytes } from 'node:crypto'
+import { randomFillSync } from 'node:crypto'
 import { once } from 'node:events'
-import { createServer } from 'node:http'
-import { HOME, debugSandbox, uniqueName } from './helpers.mjs'
+import { readFileSync } from 'node:fs'
+import { Worker } from 'node:worker_threads'
+import { HOME, USER, debugSandbox, uniqueName } from './helpers.mjs'
 
 const WARMUP = 10
 const RUNS = 200
@@ -53,21 +56,44 @@ function expectSize(n, what) {
   if (n !== SIZE) throw new Error(`${what}: got ${n} bytes, want ${SIZE}`)
 }
 
-// loopbackServer receives and discards POST bodies and serves data on GET.
-async function loopbackServer(data) {
-  const server = createServer(async (req, res) => {
-    if (req.method === 'POST') {
-      const n = await drain(req)
-      res.writeHead(200, { 'Content-Type': 'text/plain' })
-      res.end(String(n))
-      return
-    }
-    res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length })
-    res.end(data)
-  })
-  server.listen(0, '127.0.0.1')
-  await once(server, 'listening')
-  return { url: `http://127.0.0.1:${server.address().port}/blob`, close: () => server.close() }
+// loopbackServer runs a Node http server on 127.0.0.1 in a worker thread (its
+// own event loop, as envd has its own process) that discards POST bodies and
+// serves `shared` on GET.
+async function loopbackServer(shared) {
+  const worker = new Worker(`
+    const { createServer } = require('node:http')
+    const { parentPort, workerData } = require('node:worker_threads')
+    const data = Buffer.from(workerData)
+    const server = createServer(async (req, res) => {
+      if (req.method === 'POST') {
+        let n = 0
+        for await (const chunk of req) n += chunk.length
+        res.writeHead(200, { 'Content-Type': 'text/plain' })
+        res.end(String(n))
+        return
+      }
+      res.writeHead(200, { 'Content-Type': 'application/octet-stream', 'Content-Length': data.length })
+      res.end(data)
+    })
+    server.listen(0, '127.0.0.1', () => parentPort.postMessage(server.address().port))
+  `, { eval: true, workerData: shared })
+  const [port] = await once(worker, 'message')
+  return { url: `http://127.0.0.1:${port}/blob`, close: () => worker.terminate() }
+}
+
+// spawnAs returns spawnSync options that run a child as `name`, with the
+// login environment envd gives its processes, so the baseline shell reads
+// the same profile as the one envd starts.
+function spawnAs(name) {
+  const entry = readFileSync('/etc/passwd', 'utf8').split('\n').map((l) => l.split(':')).find((f) => f[0] === name)
+  if (!entry) throw new Error(`no user ${name} in /etc/passwd`)
+  const [, , uid, gid, , home, shell] = entry
+  return {
+    uid: Number(uid),
+    gid: Number(gid),
+    cwd: home,
+    env: { HOME: home, USER: name, LOGNAME: name, SHELL: shell, PATH: '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' },
+  }
 }
 
 const sandbox = await debugSandbox()
@@ -78,22 +104,27 @@ const viaSdk = await latencies(async () => {
   const r = await sandbox.commands.run('true')
   if (r.exitCode !== 0) throw new Error(`true exited ${r.exitCode}`)
 })
+const asUser = spawnAs(USER)
 const bare = await latencies(async () => {
-  const r = spawnSync('bash', ['-l', '-c', 'true'])
+  const r = spawnSync('bash', ['-l', '-c', 'true'], asUser)
   if (r.status !== 0) throw new Error(`bash -l -c true exited ${r.status}`)
 })
 rows.push([
   `command round trip, ms p50 / p99 (${RUNS} runs)`,
   `${fmt(viaSdk.p50)} / ${fmt(viaSdk.p99)}`,
   `${fmt(bare.p50)} / ${fmt(bare.p99)}`,
-  "SDK `commands.run('true')` vs `spawnSync('bash -l -c true')`",
+  "SDK `commands.run('true')` vs `spawnSync('bash -l -c true')` as `user` from Node",
 ])
 
 // (b) 100 MiB transfers.
-const data = randomBytes(SIZE)
-const buffer = new Uint8Array(data).buffer
+// The server thread reads the bytes from shared memory; fetch and the SDK
+// take only plain ArrayBuffers, so they get a copy.
+const shared = new SharedArrayBuffer(SIZE)
+randomFillSync(new Uint8Array(shared))
+const buffer = new Uint8Array(new Uint8Array(shared)).buffer
+const data = Buffer.from(buffer)
 const path = `${HOME}/${uniqueName('bench')}.bin`
-const loop = await loopbackServer(data)
+const loop = await loopbackServer(shared)
 try {
   const uploadBuffer = await throughput(async () => {
     await sandbox.files.write(path, buffer)
@@ -116,7 +147,7 @@ try {
     const res = await fetch(loop.url)
     expectSize(await drain(res.body), 'loopback GET')
   })
-  const note = `median of ${COPIES}; baseline: fetch to a Node http server on 127.0.0.1`
+  const note = `median of ${COPIES}; baseline: fetch to/from a Node http server thread on 127.0.0.1`
   rows.push(['upload 100 MiB (ArrayBuffer, multipart), MiB/s', fmt(uploadBuffer), fmt(loopUpload), note])
   rows.push(['upload 100 MiB (ReadableStream, octet-stream), MiB/s', fmt(uploadStream), fmt(loopUpload), note])
   rows.push(["download 100 MiB (format 'bytes'), MiB/s", fmt(downloadBytes), fmt(loopDownload), note])

@@ -78,7 +78,8 @@ start_envd() {
 curl_health() {
 	local status
 	status=$(
-		exec 3<>"/dev/tcp/127.0.0.1/$ENVD_PORT" 2>/dev/null || exit 0
+		exec 2>/dev/null
+		exec 3<>"/dev/tcp/127.0.0.1/$ENVD_PORT" || exit 0
 		printf 'GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n' >&3
 		head -n1 <&3
 	) || true

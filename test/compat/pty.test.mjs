@@ -13,6 +13,9 @@ before(async () => {
   sandbox = await debugSandbox()
 })
 
+// plain drops terminal escape sequences (colours, titles, bracketed paste).
+const plain = (text) => text.replace(/\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07/g, '')
+
 // terminal opens a PTY and collects everything it prints.
 async function terminal(size = { cols: 80, rows: 24 }, extra = {}) {
   const term = { output: '', decoder: new TextDecoder() }
@@ -25,7 +28,7 @@ async function terminal(size = { cols: 80, rows: 24 }, extra = {}) {
   // expect waits for pattern in the output printed after `from`.
   term.expect = (pattern, from = 0) =>
     waitFor(`${pattern} on the terminal; got ${JSON.stringify(term.output.slice(from))}`,
-      () => term.output.slice(from).match(pattern))
+      () => plain(term.output.slice(from)).match(pattern))
   return term
 }
 
@@ -40,14 +43,14 @@ describe('pty', opts, () => {
     opened.push(term.handle.pid)
     await term.type('echo $((40 + 2))\n')
     // The typed line echoes "$((40 + 2))"; only the shell's answer is "42".
-    await term.expect(/\r\n42\r\n/)
+    await term.expect(/[\r\n]42\r\n/)
   })
 
   it('is a real terminal of the requested size with TERM=xterm-256color', async () => {
     const term = await terminal({ cols: 91, rows: 33 })
     opened.push(term.handle.pid)
     await term.type('stty size; echo "term=$TERM"; tty\n')
-    await term.expect(/\r\n33 91\r\n/)
+    await term.expect(/[\r\n]33 91\r\n/)
     await term.expect(/term=xterm-256color\r\n/)
     await term.expect(/\/dev\/pts\/\d+\r\n/)
   })
@@ -58,7 +61,7 @@ describe('pty', opts, () => {
     await sandbox.pty.resize(term.handle.pid, { cols: 120, rows: 40 })
     const from = term.output.length
     await term.type('stty size\n')
-    await term.expect(/\r\n40 120\r\n/, from)
+    await term.expect(/[\r\n]40 120\r\n/, from)
   })
 
   it('runs as the default user, in its home', async () => {
@@ -86,7 +89,7 @@ describe('pty', opts, () => {
     assert.equal(second.pid, term.handle.pid)
     await term.type('echo $((6 * 7))-via-connect\n')
     await waitFor(`connected reader to see the answer; got ${JSON.stringify(seen)}`,
-      () => /\r\n42-via-connect\r\n/.test(seen))
+      () => /[\r\n]42-via-connect\r\n/.test(plain(seen)))
     await second.disconnect()
   })
 
