@@ -31,6 +31,11 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"connectrpc.com/connect"
+
+	processpb "github.com/warren-sh/warren/gen/process"
+	"github.com/warren-sh/warren/gen/process/processconnect"
+	"github.com/warren-sh/warren/internal/envd/envdtest"
 	"github.com/warren-sh/warren/internal/envd/guestinit"
 	"github.com/warren-sh/warren/internal/guest"
 )
@@ -220,7 +225,7 @@ func bootVM(t testing.TB, a *artifacts, disk string) *vm {
 			t.Fatal(err)
 		}
 	}
-	v := &vm{ns: "warren-test-" + randHex(4), serial: filepath.Join(dir, "serial.log"), exited: make(chan struct{})}
+	v := &vm{ns: "warren-test-vm-" + randHex(4), serial: filepath.Join(dir, "serial.log"), exited: make(chan struct{})}
 	mustRun(t, "ip", "netns", "add", v.ns)
 	t.Cleanup(func() { mustRun(t, "ip", "netns", "delete", v.ns) })
 	const tap = "tap0"
@@ -308,29 +313,90 @@ func TestBootToHealth(t *testing.T) {
 	v := bootVM(t, a, "")
 	took := v.waitHealthy(t, 60*time.Second)
 	t.Logf("QEMU start → first /health 204: %s (%s)", took.Round(time.Millisecond), a.accel)
-
 	base := "http://" + net.JoinHostPort(guestNet.Addr().String(), fmt.Sprint(envdPort))
-	resp, err := v.client.Get(base + "/metrics")
+
+	t.Run("metrics are the guest's", func(t *testing.T) {
+		resp, err := v.client.Get(base + "/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("GET /metrics: %s %s, want 200", resp.Status, body)
+		}
+		var metrics map[string]any
+		if err := json.Unmarshal(body, &metrics); err != nil {
+			t.Fatalf("GET /metrics: %v in %s", err, body)
+		}
+		// The guest's memory, not the host's: envd runs in the VM.
+		if total, ok := metrics["mem_total"].(float64); !ok || total <= 0 || total > 256<<20 {
+			t.Errorf("/metrics mem_total = %v, want the guest's (0, 256 MiB]; body %s", metrics["mem_total"], body)
+		}
+	})
+
+	t.Run("console has init's ready line", func(t *testing.T) {
+		serial, _ := os.ReadFile(v.serial)
+		if !bytes.Contains(serial, []byte("warren-init: ready at")) {
+			t.Errorf("console lacks init's ready line:\n%s", serial)
+		}
+	})
+
+	// What init set up, seen by a process envd starts in the guest.
+	client := processconnect.NewProcessClient(v.client, base, connect.WithProtoJSON())
+	for _, tc := range []struct {
+		name, user, script, want string
+	}{
+		{"root is the ext4 disk", "root", `awk '$2 == "/" {print $1, $3}' /proc/mounts`, "/dev/vda ext4"},
+		{"devpts, shm, run and tmp are mounted", "root",
+			`awk '$2 ~ "^/(dev/pts|dev/shm|run|tmp)$" {print $2, $3}' /proc/mounts | sort | tr '\n' ' '`,
+			"/dev/pts devpts /dev/shm tmpfs /run tmpfs /tmp tmpfs "},
+		{"/tmp and /dev/shm are world-writable and sticky", "root", `stat -c %a /tmp /dev/shm | tr '\n' ' '`, "1777 1777 "},
+		{"devpts gives ttys the tty group", "root", `awk '$2 == "/dev/pts" {print $4}' /proc/mounts | grep -o 'gid=5'`, "gid=5"},
+		{"hostname from the kernel argument", "user", `hostname`, "warren-test"},
+		{"eth0 has the address", "user", `ip -4 -o addr show dev eth0 | awk '{print $4}'`, guestNet.String()},
+		{"default route via the host side", "user", `ip route | grep ^default`, "default via " + hostAddr.String() + " dev eth0 "},
+		{"runs as user uid 1000", "user", `id -u`, "1000"},
+		{"warren_* arguments do not leak into processes", "root", `env | grep -c ^warren_ || true`, "0"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got := runInGuest(t, client, tc.user, tc.script)
+			if strings.TrimRight(got, "\n") != strings.TrimRight(tc.want, "\n") {
+				t.Errorf("%s as %s printed %q, want %q", tc.script, tc.user, got, tc.want)
+			}
+		})
+	}
+}
+
+// runInGuest runs script with /bin/sh as user and returns its stdout; it fails
+// the test unless the script exits 0.
+func runInGuest(t *testing.T, client processconnect.ProcessClient, user, script string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/sh", Args: []string{"-c", script}}})
+	req.Header().Set("Authorization", envdtest.BasicAuth(user))
+	stream, err := client.Start(ctx, req)
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("Start %q: %v", script, err)
 	}
-	defer resp.Body.Close()
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET /metrics: %s %s, want 200", resp.Status, body)
+	defer stream.Close()
+	var stdout, stderr bytes.Buffer
+	for stream.Receive() {
+		ev := stream.Msg().GetEvent()
+		if d := ev.GetData(); d != nil {
+			stdout.Write(d.GetStdout())
+			stderr.Write(d.GetStderr())
+		}
+		if end := ev.GetEnd(); end != nil {
+			if !end.GetExited() || end.GetExitCode() != 0 {
+				t.Fatalf("%q as %s ended %v; stderr %q", script, user, end, stderr.String())
+			}
+			return stdout.String()
+		}
 	}
-	var metrics map[string]any
-	if err := json.Unmarshal(body, &metrics); err != nil {
-		t.Fatalf("GET /metrics: %v in %s", err, body)
-	}
-	// The guest's memory, not the host's 24 GiB: envd runs in the VM.
-	if total, ok := metrics["mem_total"].(float64); !ok || total <= 0 || total > 256<<20 {
-		t.Errorf("/metrics mem_total = %v, want the guest's (0, 256 MiB]; body %s", metrics["mem_total"], body)
-	}
-	serial, _ := os.ReadFile(v.serial)
-	if !bytes.Contains(serial, []byte("warren-init: ready at")) {
-		t.Errorf("console lacks init's ready line:\n%s", serial)
-	}
+	t.Fatalf("%q as %s: stream ended without an end event: %v; stderr %q", script, user, stream.Err(), stderr.String())
+	return ""
 }
 
 // TestInitFailurePowersOff: when init cannot finish (here the root disk is not
