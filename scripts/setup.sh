@@ -26,8 +26,8 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 #   protobuf-compiler  make generate
 #   ca-certificates  Go module proxy and npm registry over TLS
 #   passwd           useradd, for the test account `user`
-#   coreutils, bash  commands the tests run inside envd (stty, tty, whoami, sleep, cat)
-want=(make git protobuf-compiler ca-certificates passwd coreutils bash)
+#   coreutils, bash, procps  commands the tests run inside envd (stty, tty, whoami, sleep, pkill)
+want=(make git protobuf-compiler ca-certificates passwd coreutils bash procps)
 
 # Node.js: the SDK tests need >= $NODE_MIN. Debian 12's nodejs (18) is too old,
 # so it is only installed from apt when the configured repositories offer a

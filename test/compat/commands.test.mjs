@@ -159,6 +159,28 @@ describe('background commands', opts, () => {
     }
   })
 
+  it('kill ends the stream even when a grandchild still holds the output pipe', async () => {
+    const marker = uniqueName('orphan')
+    const handle = await sandbox.commands.run(`(exec -a ${marker} sleep 300) & sleep 300; echo not-reached`, { background: true })
+    try {
+      assert.equal(await sandbox.commands.kill(handle.pid), true)
+      const started = Date.now()
+      const err = await rejection(handle.wait())
+      assert.ok(err instanceof CommandExitError, `wait after kill: ${err}`)
+      assert.ok(Date.now() - started < 5000, `stream ended ${Date.now() - started} ms after kill`)
+      assert.doesNotMatch(handle.stdout, /not-reached/)
+    } finally {
+      await sandbox.commands.run(`pkill -KILL -f '^${marker}' || true`, { user: 'root' })
+    }
+  })
+
+  it('run concurrently, each with its own output', async () => {
+    const results = await Promise.all(
+      Array.from({ length: 10 }, (_, i) => sandbox.commands.run(`sleep 0.$((RANDOM % 3)); echo ${i}`)),
+    )
+    assert.deepEqual(results.map((r) => r.stdout), Array.from({ length: 10 }, (_, i) => `${i}\n`))
+  })
+
   it('kill of an unknown pid returns false', async () => {
     assert.equal(await sandbox.commands.kill(2 ** 31 - 2), false)
   })
