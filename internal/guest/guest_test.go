@@ -55,8 +55,10 @@ func TestFetchKernel(t *testing.T) {
 	if !strings.HasPrefix(k.Package, "linux-image-") || !strings.HasSuffix(k.Release, "-cloud-amd64") {
 		t.Errorf("kernel %+v is not a cloud-amd64 linux-image package", k)
 	}
-	if fi, err := os.Stat(k.Image); err != nil || fi.Size() < 1<<20 {
-		t.Errorf("kernel image %s: %v (size %v), want a bzImage of several MB", k.Image, err, fi)
+	if img, err := os.ReadFile(k.Image); err != nil {
+		t.Error(err)
+	} else if err := checkPVH(img); err != nil {
+		t.Errorf("kernel image %s: %v; want an ELF vmlinux with a PVH entry", k.Image, err)
 	}
 	if !strings.HasPrefix(k.Image, dataDir+"/") || !strings.HasPrefix(k.ModulesDir, dataDir+"/") {
 		t.Errorf("kernel %+v lies outside the data dir %s", k, dataDir)
@@ -182,5 +184,39 @@ func TestBuildInitramfs(t *testing.T) {
 	}
 	if got := strings.Fields(string(order)); !slices.Equal(got, want) {
 		t.Errorf("lib/modules/order = %v, want %v", got, want)
+	}
+}
+
+// TestUnlz4Corrupt feeds the decompressor damaged kernels: it must report an
+// error, never panic, loop or return a wrong kernel.
+func TestUnlz4Corrupt(t *testing.T) {
+	k := fetchKernel(t)
+	img, err := os.ReadFile(filepath.Join(filepath.Dir(k.Image), "vmlinuz-"+k.Release))
+	if err != nil {
+		t.Fatal(err)
+	}
+	payload, err := bzPayload(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := decompressPayload(payload); err != nil {
+		t.Fatalf("the intact payload: %v", err)
+	}
+	tests := []struct {
+		name string
+		data []byte
+	}{
+		{"truncated inside the first block", payload[:len(payload)/3]},
+		{"a block size past the end", append(slices.Clone(payload[:4]), 0xff, 0xff, 0xff, 0x7f, 1, 2, 3)},
+		{"garbage after the magic", append(slices.Clone(payload[:4]), 16, 0, 0, 0, 0xf0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff)},
+		{"a match before the block start", append(slices.Clone(payload[:4]), 4, 0, 0, 0, 0x10, 'a', 9, 0)},
+		{"not lz4", []byte("hello, world")},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if out, err := decompressPayload(tt.data); err == nil {
+				t.Errorf("decompressPayload of damaged data gave %d bytes and no error", len(out))
+			}
+		})
 	}
 }

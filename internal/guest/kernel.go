@@ -30,7 +30,9 @@ type Kernel struct {
 	Package, Version string
 	// Release is the kernel release (uname -r), e.g. 6.1.0-56-cloud-amd64.
 	Release string
-	// Image is the bootable kernel (bzImage).
+	// Image is the uncompressed kernel (vmlinux, an ELF with a PVH entry
+	// point), unpacked from the package's bzImage: QEMU boots it directly,
+	// which spares the guest decompressing itself under emulation.
 	Image string
 	// ModulesDir is lib/modules/<Release> of the unpacked package.
 	ModulesDir string
@@ -146,7 +148,8 @@ func aptUpdate(ctx context.Context) error {
 	return run(ctx, "apt-get", "update", "-q")
 }
 
-// openKernel reads an unpacked package directory named <package>_<version>.
+// openKernel reads an unpacked package directory named <package>_<version>,
+// unpacking vmlinux from the bzImage the first time.
 func openKernel(dir string) (*Kernel, error) {
 	pkg, version, ok := strings.Cut(filepath.Base(dir), "_")
 	if !ok {
@@ -164,10 +167,13 @@ func openKernel(dir string) (*Kernel, error) {
 		Package:    pkg,
 		Version:    version,
 		Release:    release,
-		Image:      filepath.Join(dir, "boot", "vmlinuz-"+release),
+		Image:      filepath.Join(dir, "boot", "vmlinux-"+release),
 		ModulesDir: filepath.Join(dir, "lib", "modules", release),
 	}
-	if _, err := os.Stat(k.Image); err != nil {
+	if _, err := os.Stat(k.Image); err == nil {
+		return k, nil
+	}
+	if err := extractVmlinux(filepath.Join(dir, "boot", "vmlinuz-"+release), k.Image); err != nil {
 		return nil, err
 	}
 	return k, nil

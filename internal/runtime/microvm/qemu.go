@@ -106,7 +106,7 @@ type Machine struct {
 	// TSCkHz is the host TSC rate (HostTSCkHz); required under TCG.
 	TSCkHz int
 
-	Kernel    string // bzImage
+	Kernel    string // guest.Kernel.Image: vmlinux with a PVH entry (a bzImage boots too, slower)
 	Initramfs string // guest.BuildInitramfs
 	// RootDisk is the guest's /dev/vda, an ext4 image; RootFormat is its QEMU
 	// format ("raw", or "qcow2" for an overlay).
