@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -44,13 +45,29 @@ func TestFetchKernel(t *testing.T) {
 	dataDir := t.TempDir()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	var first bytes.Buffer
-	k, err := FetchKernel(ctx, dataDir, &first)
-	if err != nil {
-		t.Fatalf("FetchKernel: %v\n%s", err, first.String())
+	// Two first calls at once (two test binaries sharing a cache): both must
+	// succeed with the same kernel.
+	var (
+		kernels  [2]*Kernel
+		errs     [2]error
+		progress [2]bytes.Buffer
+		wg       sync.WaitGroup
+	)
+	for i := range kernels {
+		wg.Go(func() { kernels[i], errs[i] = FetchKernel(ctx, dataDir, &progress[i]) })
 	}
-	if !strings.Contains(first.String(), "fetching "+k.Package) {
-		t.Errorf("first FetchKernel reported %q, want a fetch of %s", first.String(), k.Package)
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			t.Fatalf("FetchKernel #%d: %v\n%s", i, err, progress[i].String())
+		}
+	}
+	k := kernels[0]
+	if *kernels[1] != *k {
+		t.Errorf("concurrent FetchKernel calls returned %+v and %+v", k, kernels[1])
+	}
+	if !strings.Contains(progress[0].String()+progress[1].String(), "fetching "+k.Package) {
+		t.Errorf("first FetchKernel reported %q, want a fetch of %s", progress[0].String(), k.Package)
 	}
 	if !strings.HasPrefix(k.Package, "linux-image-") || !strings.HasSuffix(k.Release, "-cloud-amd64") {
 		t.Errorf("kernel %+v is not a cloud-amd64 linux-image package", k)
@@ -68,12 +85,12 @@ func TestFetchKernel(t *testing.T) {
 	}
 
 	// A second call reuses the unpacked kernel: no download, same files.
-	var progress bytes.Buffer
+	var quiet bytes.Buffer
 	before, err := os.Stat(k.Image)
 	if err != nil {
 		t.Fatal(err)
 	}
-	again, err := FetchKernel(ctx, dataDir, &progress)
+	again, err := FetchKernel(ctx, dataDir, &quiet)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,8 +98,8 @@ func TestFetchKernel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if *again != *k || !os.SameFile(before, after) || progress.Len() != 0 {
-		t.Errorf("second FetchKernel = %+v (progress %q), want the cached %+v without fetching", again, progress.String(), k)
+	if *again != *k || !os.SameFile(before, after) || quiet.Len() != 0 {
+		t.Errorf("second FetchKernel = %+v (progress %q), want the cached %+v without fetching", again, quiet.String(), k)
 	}
 }
 

@@ -92,7 +92,11 @@ func FetchKernel(ctx context.Context, dataDir string, progress io.Writer) (*Kern
 		return nil, err
 	}
 	dir := filepath.Join(root, pkg+"_"+version)
-	if err := os.Rename(unpacked, dir); err != nil && !errors.Is(err, os.ErrExist) {
+	if err := os.Rename(unpacked, dir); err != nil {
+		// A concurrent FetchKernel (another process) may have won the race.
+		if k, kerr := openKernel(dir); kerr == nil {
+			return k, nil
+		}
 		return nil, fmt.Errorf("install kernel into %s: %w", dir, err)
 	}
 	k, err := openKernel(dir)
