@@ -90,12 +90,16 @@ func installHostTable(slotRange netip.Prefix) error {
 //	  chain forward {
 //	    type filter hook forward priority filter; policy drop;
 //	    ct state established,related accept
-//	    iifname "eth0" oifname "tap0" ct status dnat accept          # connections to slotIP (from the node)
-//	    iifname "tap0" oifname "eth0" ip saddr 169.254.0.21 jump egress  # spoofed guest sources are dropped
+//	    iifname "eth0" oifname "tap0" ip saddr <hostIP> ct status dnat accept  # the node dialing slotIP
+//	    iifname "tap0" oifname "eth0" ip saddr 169.254.0.21 jump egress       # forged guest sources are dropped
 //	  }
 //	  chain egress { }    # AllowInternet: "accept"; otherwise empty, so the forward policy drops it
 //	}
-func installSlotTable(ns vnetns.NsHandle, slotIP netip.Addr) error {
+//
+// Only the host's end of the veth (the source the host's routing picks to reach slotIP) may open connections to
+// the guest: a stale host conntrack entry of an earlier sandbox in this slot can forward a stranger's packet here,
+// and it must not reach the new guest.
+func installSlotTable(ns vnetns.NsHandle, hostIP, slotIP netip.Addr) error {
 	c, err := nftConn(ns)
 	if err != nil {
 		return fmt.Errorf("nftables: %w", err)
@@ -114,7 +118,7 @@ func installSlotTable(ns vnetns.NsHandle, slotIP netip.Addr) error {
 	egress := c.AddChain(&nftables.Chain{Table: t, Name: egressChain})
 	forward := c.AddChain(filterChain(t, "forward", nftables.ChainHookForward, nftables.ChainPolicyDrop))
 	c.AddRule(&nftables.Rule{Table: t, Chain: forward, Exprs: join(ctState(established|related), accept())})
-	c.AddRule(&nftables.Rule{Table: t, Chain: forward, Exprs: join(iifname(slotVethName), oifname(TapName), ctStatus(dstNAT), accept())})
+	c.AddRule(&nftables.Rule{Table: t, Chain: forward, Exprs: join(iifname(slotVethName), oifname(TapName), ipSaddr(netip.PrefixFrom(hostIP, 32)), ctStatus(dstNAT), accept())})
 	c.AddRule(&nftables.Rule{Table: t, Chain: forward, Exprs: join(iifname(TapName), oifname(slotVethName), ipSaddr(netip.PrefixFrom(guestIP, 32)), jump(egress.Name))})
 	if err := c.Flush(); err != nil {
 		return fmt.Errorf("install nftables table inet %s: %w", slotTableName, err)

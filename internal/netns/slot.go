@@ -65,8 +65,8 @@ type Slot struct {
 	inUse    bool // guarded by Pool.mu
 }
 
-// Do runs fn inside the slot's namespace on a locked OS thread (processes fn starts, such as QEMU, stay in the
-// namespace). fn must not rely on goroutines it starts being in the namespace.
+// Do runs fn inside the slot's namespace on a locked OS thread, so processes fn starts (QEMU) live in the
+// namespace; goroutines fn starts do not. Call it only while the slot is acquired.
 func (s *Slot) Do(fn func() error) error {
 	if err := inNetns(s.ns, fn); err != nil {
 		return fmt.Errorf("in netns %s: %w", s.Name, err)
@@ -147,7 +147,7 @@ func createSlot(r netip.Prefix, i int) (s *Slot, err error) {
 	if err := configureTap(h); err != nil {
 		return nil, fmt.Errorf("netns %s: %w", s.Name, err)
 	}
-	if err := installSlotTable(s.ns, slotIP); err != nil {
+	if err := installSlotTable(s.ns, hostIP, slotIP); err != nil {
 		return nil, fmt.Errorf("netns %s: %w", s.Name, err)
 	}
 	if err := waitOperUp(nil, s.hostVeth); err != nil {
@@ -241,7 +241,8 @@ func configureLink(h *netlink.Handle, name string, addr netip.Prefix) error {
 
 // reset prepares an idle slot for the next sandbox: default-deny egress and no connection state of the last one.
 // Without the conntrack flush, a flow the previous guest had opened would still count as established and let
-// traffic through to (or from) the next guest, which has the same addresses.
+// traffic through to (or from) the next guest, which has the same addresses. The host's own entries for such flows
+// may stay: whatever they let through arrives at the slot as a new connection from a stranger, which the slot drops.
 func (s *Slot) reset() error {
 	if err := applyPolicy(s.ns, Policy{}); err != nil {
 		return fmt.Errorf("netns %s: %w", s.Name, err)
@@ -253,23 +254,6 @@ func (s *Slot) reset() error {
 	defer h.Close()
 	if err := h.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
 		return fmt.Errorf("flush conntrack in netns %s: %w", s.Name, err)
-	}
-	return forgetHostConntrack(netip.PrefixFrom(s.SlotIP, 32))
-}
-
-// forgetHostConntrack deletes the host's connection state for flows from or to addresses in p (the host
-// masquerades slot egress, so it tracks those flows too).
-func forgetHostConntrack(p netip.Prefix) error {
-	ipnet := &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
-	from, to := &netlink.ConntrackFilter{}, &netlink.ConntrackFilter{}
-	if err := from.AddIPNet(netlink.ConntrackOrigSrcIP, ipnet); err != nil {
-		return err
-	}
-	if err := to.AddIPNet(netlink.ConntrackOrigDstIP, ipnet); err != nil {
-		return err
-	}
-	if _, err := netlink.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, from, to); err != nil {
-		return fmt.Errorf("delete host conntrack entries for %s: %w", p, err)
 	}
 	return nil
 }
@@ -285,9 +269,6 @@ func (s *Slot) destroy() error {
 		errs = append(errs, err)
 	}
 	if err := deleteNamedNetns(s.Name); err != nil {
-		errs = append(errs, err)
-	}
-	if err := forgetHostConntrack(netip.PrefixFrom(s.SlotIP, 32)); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
