@@ -3,10 +3,11 @@
 //
 // # Layout of slot i (default range 10.200.0.0/16)
 //
-//	host netns                                 slot netns "warren-i"                       guest (QEMU)
-//	wv<i> 10.200.<4i+1>/30  <── veth ──>  eth0 10.200.<4i+2>/30 = SlotIP
-//	                                      tap0 169.254.0.22/30, MAC 06:00:a9:fe:00:16  <──  169.254.0.21/30
-//	                                                                                         MAC 06:00:a9:fe:00:15
+//	host netns                        slot netns "warren-<i>"                        guest (QEMU)
+//	wv<i> range+4i+1/30  <── veth ──>  eth0 range+4i+2/30 = SlotIP
+//	                                   tap0 169.254.0.22/30, MAC 06:00:a9:fe:00:16  <──  169.254.0.21/30,
+//	                                                                                      MAC 06:00:a9:fe:00:15
+//	(slot 0: wv0 10.200.0.1, SlotIP 10.200.0.2; slot 1: wv1 10.200.0.5, SlotIP 10.200.0.6; ...)
 //
 // The guest looks the same in every slot (address, gateway, both MACs, tap name), so a memory snapshot taken in
 // one slot restores in any other. Each slot gets one /30 of the configured range: network+1 is the host end of its
