@@ -3,7 +3,7 @@
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
-import { closeSync, openSync } from 'node:fs'
+import { closeSync, openSync, writeFileSync } from 'node:fs'
 import { createServer } from 'node:net'
 import { tmpdir } from 'node:os'
 import { join } from 'node:path'
@@ -86,8 +86,8 @@ async function freePort() {
  * startPrivateEnvd runs bin/envd on a free loopback port, for tests that
  * change envd's state for good (an access token set through /init), and waits
  * for GET /health 204. Its output goes to `<name>.log` in
- * $WARREN_COMPAT_LOG_DIR (run.sh prints that directory on failure).
- * `stop()` kills it by PID.
+ * $WARREN_COMPAT_LOG_DIR (run.sh prints that directory on failure), its PID
+ * to `<name>.pid` there. `stop()` kills it by PID.
  */
 export async function startPrivateEnvd(name) {
   const port = await freePort()
@@ -98,6 +98,8 @@ export async function startPrivateEnvd(name) {
     stdio: ['ignore', log, log],
   })
   closeSync(log)
+  // run.sh kills it by this PID should the test runner die before stop().
+  writeFileSync(join(logDir, `${name}.pid`), `${child.pid}\n`)
   const exited = once(child, 'exit')
   const url = `http://127.0.0.1:${port}`
   const stop = async () => {

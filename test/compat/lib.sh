@@ -102,6 +102,21 @@ stop_envd() {
 	ENVD_PID=
 }
 
+# stop_test_envds kills, by the PIDs they recorded in LOG_DIR, envds that
+# tests started themselves and could not stop (the test runner was killed).
+stop_test_envds() {
+	[[ -n $LOG_DIR && -d $LOG_DIR ]] || return 0
+	local f pid
+	for f in "$LOG_DIR"/*.pid; do
+		[[ -f $f ]] || continue
+		pid=$(<"$f")
+		# Only if that PID still runs our envd binary, never a reused PID.
+		if [[ $(readlink "/proc/$pid/exe" 2>/dev/null) == "$ENVD_BIN"* ]]; then # " (deleted)" after a rebuild
+			kill "$pid" 2>/dev/null || true
+		fi
+	done
+}
+
 # print_logs shows every envd log in LOG_DIR, for failures.
 print_logs() {
 	[[ -n $LOG_DIR && -d $LOG_DIR ]] || return 0
@@ -120,4 +135,19 @@ remove_logs() {
 		rm -rf "$LOG_DIR"
 	fi
 	LOG_DIR=
+}
+
+# on_exit is the EXIT trap of run.sh and bench.sh: stop envd, print the logs
+# if the script failed, remove them, keep the exit code. A closed stdout (say,
+# `./run.sh | head`) must not stop the cleanup, so SIGPIPE is ignored here.
+on_exit() {
+	local rc=$?
+	trap '' PIPE
+	stop_envd
+	stop_test_envds
+	if [[ $rc -ne 0 ]]; then
+		print_logs || true
+	fi
+	remove_logs
+	exit "$rc"
 }

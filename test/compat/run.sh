@@ -16,15 +16,6 @@ ensure_root
 ensure_node_modules
 ensure_user
 
-on_exit() {
-	local rc=$?
-	stop_envd
-	if [[ $rc -ne 0 ]]; then
-		print_logs
-	fi
-	remove_logs
-	exit "$rc"
-}
 trap on_exit EXIT
 trap 'exit 130' INT TERM
 
