@@ -9,13 +9,16 @@ func TestParseAcceptEncoding(t *testing.T) {
 		wantGzip bool
 	}{
 		{"", false, false},
-		{"gzip, deflate", false, true}, // the SDK's default
+		{"gzip, deflate", false, false}, // fetch's automatic header: our choice, identity
+		{"gzip, deflate, br", false, false},
+		{"gzip", false, true}, // the SDK with gzip: true
+		{"gzip, deflate;q=0.5", false, true},
 		{"gzip;q=0.5, identity", false, false},
 		{"GZIP", false, true},
 		{"x-gzip", false, true},
 		{"gzip;q=0", false, false},
 		{"br", false, false},
-		{"*", false, true},
+		{"*", false, false},
 		{"identity;q=0", true, false},
 		{"identity;q=0, br", true, false},
 		{"identity;q=0, gzip", false, true},
