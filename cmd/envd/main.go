@@ -50,7 +50,7 @@ Flags (each also read from the environment variable shown):
 	initSecret := fs.String("init-secret", envStr("WARREN_ENVD_INIT_SECRET", ""), "secret that lets the node re-/init a sandbox that already has an access token (WARREN_ENVD_INIT_SECRET)")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_ENVD_VERBOSE") == "true", "log every request at debug level (WARREN_ENVD_VERBOSE=true)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
-	initMode := fs.Bool("init", os.Getpid() == 1, "act as a warren microVM's init first: mount, load modules, switch to the root disk, configure the network (default as PID 1)")
+	initMode := fs.Bool("init", os.Getpid() == 1, "first act as a warren microVM's init (PID 1 only): mount, load modules, switch to the root disk, configure the network; --init=false for PID 1 of a container")
 	fs.Parse(os.Args[1:])
 	if *showVersion {
 		fmt.Printf("envd %s (protocol %s)\n", version.Version, version.EnvdVersion)

@@ -14,8 +14,8 @@ import (
 // BuildInitramfs writes the initramfs for k to out: a newc cpio archive
 // holding envd as /init, the Modules with their dependencies, and the order
 // to load them in (the layout guestinit reads). It is uncompressed: under TCG
-// the guest's gunzip costs more than QEMU copying the bigger file (measured,
-// see the report in internal/runtime/microvm's boot test).
+// the guest unpacked the 14 MB archive in 0.36 s, the same archive gzipped
+// (-6, 7.2 MB) in 1.55 s.
 func BuildInitramfs(k *Kernel, envdPath, out string) error {
 	mods, err := ModuleOrder(k.ModulesDir, Modules)
 	if err != nil {

@@ -111,8 +111,12 @@ func readConfig() (config, error) {
 }
 
 // Boot prepares the VM for envd (see the package comment) and returns; console
-// receives one progress line. Call it only as PID 1 of a warren initramfs.
+// receives one progress line. It refuses to run unless it is PID 1.
 func Boot(console io.Writer) error {
+	// Mounting over /dev or switching root anywhere else would wreck a host.
+	if pid := os.Getpid(); pid != 1 {
+		return fmt.Errorf("init mode needs PID 1 of a warren VM (running as PID %d)", pid)
+	}
 	cfg, err := readConfig()
 	if err != nil {
 		return err

@@ -124,3 +124,16 @@ func TestNetlink(t *testing.T) {
 		t.Fatalf("lo addresses %v lack 10.77.0.2/30", addrs)
 	}
 }
+
+// TestBootRefusesOutsidePID1: init mode mounts over /dev and switches root,
+// which must never happen to a host that ran `envd --init` by mistake.
+func TestBootRefusesOutsidePID1(t *testing.T) {
+	var console strings.Builder
+	err := Boot(&console)
+	if err == nil || !strings.Contains(err.Error(), "needs PID 1") {
+		t.Fatalf("Boot as PID %d: err = %v, want a refusal naming PID 1", os.Getpid(), err)
+	}
+	if _, statErr := os.Stat("/newroot"); statErr == nil {
+		t.Errorf("Boot left /newroot behind on the host")
+	}
+}

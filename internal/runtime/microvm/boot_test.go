@@ -209,6 +209,7 @@ type vm struct {
 	ns      string
 	cmd     *exec.Cmd
 	started time.Time
+	args    []string // QEMU's, without the binary
 	serial  string
 	exited  chan struct{} // closed when QEMU has exited
 	client  *http.Client
@@ -250,7 +251,7 @@ func bootVM(t testing.TB, a *artifacts, disk string) *vm {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%s %s", Binary, shellQuote(args))
+	v.args = args
 	qemuLog, err := os.Create(filepath.Join(dir, "qemu.log"))
 	if err != nil {
 		t.Fatal(err)
@@ -270,7 +271,7 @@ func bootVM(t testing.TB, a *artifacts, disk string) *vm {
 		if t.Failed() {
 			serial, _ := os.ReadFile(v.serial)
 			qlog, _ := os.ReadFile(qemuLog.Name())
-			t.Logf("guest console:\n%s\nqemu output:\n%s", serial, qlog)
+			t.Logf("%s %s\nguest console:\n%s\nqemu output:\n%s", Binary, shellQuote(v.args), serial, qlog)
 		}
 	})
 	v.client = &http.Client{Transport: &http.Transport{DialContext: dialIn(v.ns), DisableKeepAlives: true}}
@@ -312,6 +313,7 @@ func TestBootToHealth(t *testing.T) {
 	a := buildArtifacts(t)
 	v := bootVM(t, a, "")
 	took := v.waitHealthy(t, 60*time.Second)
+	t.Logf("%s %s", Binary, shellQuote(v.args))
 	t.Logf("QEMU start → first /health 204: %s (%s)", took.Round(time.Millisecond), a.accel)
 	base := "http://" + net.JoinHostPort(guestNet.Addr().String(), fmt.Sprint(envdPort))
 
@@ -439,6 +441,7 @@ func BenchmarkBootToHealth(b *testing.B) {
 		}()
 	}
 	slices.Sort(took)
+	b.Logf("QEMU start → first /health 204, sorted: %v", took)
 	b.ReportMetric(float64(took[len(took)/2].Milliseconds()), "ms-to-health(median)")
 }
 
