@@ -70,14 +70,13 @@ func (h *Handler) user(r *http.Request) (*identity.User, error) {
 		}
 		return u, nil
 	}
-	auth := r.Header.Get("Authorization")
-	u, err := identity.FromBasicAuth(auth, h.state.DefaultUser())
+	u, err := identity.FromBasicAuth(r.Header.Get("Authorization"), h.state.DefaultUser())
 	if err != nil {
-		name := h.state.DefaultUser()
-		if auth != "" {
-			name, _, _ = r.BasicAuth()
+		var unknown *identity.UnknownUserError
+		if errors.As(err, &unknown) {
+			return nil, fmt.Errorf("error looking up user '%s': %w", unknown.Name, err)
 		}
-		return nil, fmt.Errorf("error looking up user '%s': %w", name, err)
+		return nil, fmt.Errorf("error looking up user: %w", err)
 	}
 	return u, nil
 }

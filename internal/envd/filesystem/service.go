@@ -8,14 +8,12 @@ package filesystem
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
 	"net/http"
 	"os"
-	"strings"
 	"sync"
 	"syscall"
 
@@ -57,34 +55,7 @@ func (s *Service) Close() {
 // caller is the user a request acts as: its Basic-auth user name, or the
 // sandbox's default user.
 func (s *Service) caller(h http.Header) (*identity.User, error) {
-	auth := h.Get("Authorization")
-	u, err := identity.FromBasicAuth(auth, s.state.DefaultUser())
-	if err != nil {
-		if errors.Is(err, identity.ErrUnknownUser) {
-			// The exact message is E2B's (ENVD.md §4).
-			return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("invalid username: '%s'", requestedUser(auth, s.state.DefaultUser())))
-		}
-		return nil, connect.NewError(connect.CodeInternal, err)
-	}
-	return u, nil
-}
-
-// requestedUser is the user name a request asked for, for error messages only;
-// identity.FromBasicAuth does the real parsing.
-func requestedUser(auth, defaultUser string) string {
-	if auth == "" {
-		return defaultUser
-	}
-	_, encoded, ok := strings.Cut(auth, " ")
-	if !ok {
-		return auth
-	}
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(encoded))
-	if err != nil {
-		return auth
-	}
-	name, _, _ := strings.Cut(string(raw), ":")
-	return name
+	return identity.ForRPC(h, s.state.DefaultUser())
 }
 
 // resolve turns a request path into an absolute one for u (ENVD.md §4).

@@ -9,6 +9,9 @@ package identity
 
 import (
 	"encoding/base64"
+	"net/http"
+
+	"connectrpc.com/connect"
 	"errors"
 	"fmt"
 	"os"
@@ -33,16 +36,27 @@ type User struct {
 // ErrUnknownUser is returned (wrapped) when no account has the requested name.
 var ErrUnknownUser = errors.New("unknown user")
 
+// UnknownUserError names the account that does not exist; it matches ErrUnknownUser.
+type UnknownUserError struct {
+	Name   string
+	Reason string
+}
+
+func (e *UnknownUserError) Error() string { return fmt.Sprintf("%s: %s", ErrUnknownUser, e.Reason) }
+
+// Is makes errors.Is(err, ErrUnknownUser) hold.
+func (e *UnknownUserError) Is(target error) bool { return target == ErrUnknownUser }
+
 // Lookup finds the account called name in the system's user database.
 func Lookup(name string) (*User, error) {
 	if name == "" {
-		return nil, fmt.Errorf("%w: empty user name", ErrUnknownUser)
+		return nil, &UnknownUserError{Name: name, Reason: "empty user name"}
 	}
 	u, err := user.Lookup(name)
 	if err != nil {
 		var unknown user.UnknownUserError
 		if errors.As(err, &unknown) {
-			return nil, fmt.Errorf("%w: no account named %q", ErrUnknownUser, name)
+			return nil, &UnknownUserError{Name: name, Reason: fmt.Sprintf("no account named %q", name)}
 		}
 		return nil, fmt.Errorf("look up user %q: %w", name, err)
 	}
@@ -171,12 +185,27 @@ func FromBasicAuth(authorization, defaultUser string) (*User, error) {
 func basicUser(authorization string) (string, error) {
 	const prefix = "Basic "
 	if len(authorization) < len(prefix) || !strings.EqualFold(authorization[:len(prefix)], prefix) {
-		return "", fmt.Errorf("%w: Authorization header is not HTTP Basic", ErrUnknownUser)
+		return "", &UnknownUserError{Name: authorization, Reason: "Authorization header is not HTTP Basic"}
 	}
 	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(authorization[len(prefix):]))
 	if err != nil {
-		return "", fmt.Errorf("%w: Authorization header is not valid base64", ErrUnknownUser)
+		return "", &UnknownUserError{Name: authorization, Reason: "Authorization header is not valid base64"}
 	}
 	name, _, _ := strings.Cut(string(raw), ":")
 	return name, nil
+}
+
+// ForRPC is FromBasicAuth for Connect handlers: an unknown user is
+// unauthenticated with E2B's exact message (ENVD.md §4), anything else internal.
+func ForRPC(h http.Header, defaultUser string) (*User, error) {
+	u, err := FromBasicAuth(h.Get("Authorization"), defaultUser)
+	var unknown *UnknownUserError
+	switch {
+	case err == nil:
+		return u, nil
+	case errors.As(err, &unknown):
+		return nil, connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("invalid username: '%s'", unknown.Name))
+	default:
+		return nil, connect.NewError(connect.CodeInternal, err)
+	}
 }

@@ -10,7 +10,6 @@ package process
 
 import (
 	"context"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -18,7 +17,6 @@ import (
 	"os"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -76,9 +74,9 @@ func (s *Service) Close() {
 func (s *Service) Start(ctx context.Context, req *connect.Request[pb.StartRequest], stream *connect.ServerStream[pb.StartResponse]) error {
 	// The request deadline (Connect-Timeout-Ms) is the process's lifetime.
 	deadline, hasDeadline := ctx.Deadline()
-	u, err := identity.FromBasicAuth(req.Header().Get("Authorization"), s.state.DefaultUser())
+	u, err := identity.ForRPC(req.Header(), s.state.DefaultUser())
 	if err != nil {
-		return userError(err, req.Header().Get("Authorization"), s.state.DefaultUser())
+		return err
 	}
 	cfg := req.Msg.GetProcess()
 	if cfg.GetCmd() == "" {
@@ -385,33 +383,6 @@ func keepaliveInterval(header string) time.Duration {
 		return time.Duration(n) * time.Second
 	}
 	return defaultKeepalive
-}
-
-// userError maps a failed user lookup: an unknown name is unauthenticated,
-// with E2B's message (ENVD.md §4).
-func userError(err error, authorization, defaultUser string) error {
-	if !errors.Is(err, identity.ErrUnknownUser) {
-		return connect.NewError(connect.CodeInternal, err)
-	}
-	return connect.NewError(connect.CodeUnauthenticated, fmt.Errorf("invalid username: '%s'", requestedUser(authorization, defaultUser)))
-}
-
-// requestedUser is the user name a request asked for, for error messages only;
-// identity.FromBasicAuth does the real parsing.
-func requestedUser(authorization, defaultUser string) string {
-	if authorization == "" {
-		return defaultUser
-	}
-	_, encoded, ok := strings.Cut(authorization, " ")
-	if !ok {
-		return authorization
-	}
-	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(encoded))
-	if err != nil {
-		return authorization
-	}
-	name, _, _ := strings.Cut(string(raw), ":")
-	return name
 }
 
 // asConnectError keeps Connect errors and makes others internal.
