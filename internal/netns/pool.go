@@ -321,6 +321,19 @@ var (
 // prefix are left alone. Called with the host-wide lock held.
 func reclaim() error {
 	var errs []error
+	// Links first: a namespace whose last reference goes away is torn down in the background, taking its veth pair
+	// with it, so a link listed a moment ago may be gone by the time it is deleted.
+	links, err := netlink.LinkList()
+	if err != nil {
+		errs = append(errs, fmt.Errorf("list links: %w", err))
+	}
+	for _, l := range links {
+		if l.Type() == "veth" && hostVethName.MatchString(l.Attrs().Name) {
+			if err := netlink.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
+				errs = append(errs, fmt.Errorf("delete link %s: %w", l.Attrs().Name, err))
+			}
+		}
+	}
 	entries, err := os.ReadDir(netnsDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		errs = append(errs, fmt.Errorf("list %s: %w", netnsDir, err))
@@ -328,17 +341,6 @@ func reclaim() error {
 	for _, e := range entries {
 		if slotNetnsName.MatchString(e.Name()) {
 			errs = append(errs, deleteNamedNetns(e.Name()))
-		}
-	}
-	links, err := netlink.LinkList()
-	if err != nil {
-		errs = append(errs, fmt.Errorf("list links: %w", err))
-	}
-	for _, l := range links {
-		if l.Type() == "veth" && hostVethName.MatchString(l.Attrs().Name) {
-			if err := netlink.LinkDel(l); err != nil {
-				errs = append(errs, fmt.Errorf("delete link %s: %w", l.Attrs().Name, err))
-			}
 		}
 	}
 	errs = append(errs, deleteHostTable())
