@@ -1,0 +1,357 @@
+// Package control is the sandbox lifecycle: it creates sandboxes on a node,
+// keeps their deadlines, kills them on time or on request, and reconciles what
+// the store says with what the node runs.
+//
+// A sandbox row is inserted only once its node reports it ready (so every
+// listed sandbox is usable) and moves running → killing → deleted. Every state
+// change goes through store.UpdateSandbox, so concurrent kills, timeouts and
+// connects see one consistent row. Pausing comes with snapshots.
+package control
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/warren-sh/warren/internal/catalog"
+	"github.com/warren-sh/warren/internal/node"
+	"github.com/warren-sh/warren/internal/store"
+)
+
+// Config wires a Controller.
+type Config struct {
+	Store   store.Store
+	Node    node.Node
+	Catalog *catalog.Memory
+	Log     *slog.Logger
+	// EvictInterval is how often expired sandboxes are looked for; the SDK
+	// expects a sandbox gone within about a second of its deadline.
+	EvictInterval time.Duration
+	// MetricsInterval is how often running sandboxes' resource use is sampled.
+	MetricsInterval time.Duration
+	// OnGone is called when a sandbox stops being reachable (the proxy aborts
+	// its in-flight streams).
+	OnGone func(sandboxID string)
+}
+
+// Controller runs the sandbox lifecycle.
+type Controller struct {
+	cfg     Config
+	store   store.Store
+	node    node.Node
+	catalog *catalog.Memory
+	log     *slog.Logger
+	metrics *metricsRing
+
+	mu       sync.Mutex
+	creating map[string]int // team ID → creates in flight, for the concurrency limit
+
+	lastKillRetry time.Time // owned by the Run goroutine
+}
+
+// New returns a Controller; Run starts its background work.
+func New(cfg Config) *Controller {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	if cfg.Catalog == nil {
+		cfg.Catalog = catalog.NewMemory()
+	}
+	if cfg.EvictInterval <= 0 {
+		cfg.EvictInterval = 250 * time.Millisecond
+	}
+	if cfg.MetricsInterval <= 0 {
+		cfg.MetricsInterval = 5 * time.Second
+	}
+	if cfg.OnGone == nil {
+		cfg.OnGone = func(string) {}
+	}
+	return &Controller{
+		cfg: cfg, store: cfg.Store, node: cfg.Node, catalog: cfg.Catalog, log: cfg.Log,
+		metrics:  newMetricsRing(time.Hour),
+		creating: map[string]int{},
+	}
+}
+
+// CreateRequest is what a client asks for when creating a sandbox.
+type CreateRequest struct {
+	TemplateRef   string
+	Timeout       time.Duration
+	Metadata      map[string]string
+	EnvVars       map[string]string
+	AllowInternet bool
+	AutoPause     bool
+	AutoResume    bool
+}
+
+// Create starts a sandbox and returns it once its agent is ready.
+func (c *Controller) Create(ctx context.Context, team *store.Team, req CreateRequest) (*store.Sandbox, error) {
+	if req.Timeout <= 0 {
+		return nil, errorf(Invalid, "Timeout must be greater than 0")
+	}
+	if team.MaxLifetime > 0 && req.Timeout > team.MaxLifetime {
+		return nil, errorf(Invalid, "Timeout cannot be greater than %s", hours(team.MaxLifetime))
+	}
+	resolved, err := c.ResolveTemplate(ctx, team, req.TemplateRef)
+	if err != nil {
+		return nil, err
+	}
+	release, err := c.reserve(ctx, team)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+
+	id, err := newSandboxID()
+	if err != nil {
+		return nil, err
+	}
+	token, err := randomHex(32)
+	if err != nil {
+		return nil, err
+	}
+	envVars := map[string]string{}
+	for k, v := range req.EnvVars {
+		envVars[k] = v
+	}
+	// Every process learns where it runs, as under E2B (ENVD.md §12).
+	envVars["E2B_SANDBOX"] = "true"
+	envVars["E2B_SANDBOX_ID"] = id
+	envVars["E2B_TEMPLATE_ID"] = resolved.Template.ID
+
+	b := resolved.Build
+	info, err := c.node.Create(ctx, node.SandboxSpec{
+		ID: id, TemplateID: resolved.Template.ID, BuildID: b.ID, Artifact: b.Artifact,
+		CPUCount: b.CPUCount, MemoryMB: b.MemoryMB,
+		EnvVars: envVars, AccessToken: token, AllowInternet: req.AllowInternet,
+	})
+	switch {
+	case errors.Is(err, node.ErrFull):
+		return nil, &Error{Kind: Unavailable, Message: "no capacity left for a new sandbox on this node; try again later"}
+	case err != nil:
+		return nil, fmt.Errorf("create sandbox %s: %w", id, err)
+	}
+	now := time.Now().UTC()
+	sb := &store.Sandbox{
+		ID: id, TeamID: team.ID, TemplateID: resolved.Template.ID, BuildID: b.ID, Alias: resolved.Alias,
+		NodeID: c.node.ID(), State: store.StateRunning,
+		Metadata: req.Metadata, EnvVars: req.EnvVars,
+		CPUCount: b.CPUCount, MemoryMB: b.MemoryMB, DiskSizeMB: b.DiskSizeMB,
+		EnvdVersion: info.EnvdVersion, EnvdAccessToken: token,
+		AllowInternet: req.AllowInternet, AutoPause: req.AutoPause, AutoResume: req.AutoResume,
+		StartedAt: now, EndAt: now.Add(req.Timeout),
+	}
+	if sb.EnvdVersion == "" {
+		sb.EnvdVersion = b.EnvdVersion
+	}
+	if err := c.store.InsertSandbox(ctx, sb); err != nil {
+		// Never leave a VM the store does not know about.
+		if kerr := c.node.Kill(context.WithoutCancel(ctx), id); kerr != nil {
+			c.log.Error("kill sandbox after failed insert", "sandbox", id, "err", kerr)
+		}
+		return nil, fmt.Errorf("record sandbox %s: %w", id, err)
+	}
+	c.catalog.Put(id, catalog.Route{NodeID: sb.NodeID, Host: info.Host})
+	if err := c.store.RecordSpawn(ctx, resolved.Template.ID, now); err != nil {
+		c.log.Warn("record template spawn", "template", resolved.Template.ID, "err", err)
+	}
+	return sb, nil
+}
+
+// reserve counts a create in flight against the team's concurrency limit.
+func (c *Controller) reserve(ctx context.Context, team *store.Team) (release func(), err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if team.MaxSandboxes > 0 {
+		running, err := c.store.CountSandboxes(ctx, store.SandboxFilter{
+			TeamID: team.ID, States: []store.SandboxState{store.StateRunning, store.StatePausing, store.StateKilling},
+		})
+		if err != nil {
+			return nil, err
+		}
+		if running+c.creating[team.ID] >= team.MaxSandboxes {
+			return nil, &Error{
+				Kind:       LimitReached,
+				Message:    fmt.Sprintf("you have reached the maximum number of concurrent E2B sandboxes (%d)", team.MaxSandboxes),
+				RetryAfter: 5 * time.Second,
+			}
+		}
+	}
+	c.creating[team.ID]++
+	return func() {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		if c.creating[team.ID]--; c.creating[team.ID] <= 0 {
+			delete(c.creating, team.ID)
+		}
+	}, nil
+}
+
+// Get returns one of the team's sandboxes.
+func (c *Controller) Get(ctx context.Context, team *store.Team, id string) (*store.Sandbox, error) {
+	sb, err := c.store.GetSandbox(ctx, id)
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (sb.TeamID != team.ID || sb.State == store.StateKilling)) {
+		return nil, sandboxNotFound(id)
+	}
+	return sb, err
+}
+
+// List returns the team's sandboxes that match f (f.TeamID is set here).
+func (c *Controller) List(ctx context.Context, team *store.Team, f store.SandboxFilter) ([]*store.Sandbox, error) {
+	f.TeamID = team.ID
+	if len(f.States) == 0 {
+		f.States = []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused}
+	}
+	return c.store.ListSandboxes(ctx, f)
+}
+
+// Count returns how many of the team's sandboxes match f.
+func (c *Controller) Count(ctx context.Context, team *store.Team, f store.SandboxFilter) (int, error) {
+	f.TeamID = team.ID
+	return c.store.CountSandboxes(ctx, f)
+}
+
+// Kill stops one of the team's sandboxes and forgets it.
+func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) error {
+	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
+		if s.TeamID != team.ID || s.State == store.StateKilling {
+			return sandboxNotFound(id)
+		}
+		s.State = store.StateKilling
+		return nil
+	})
+	if errors.Is(err, store.ErrNotFound) {
+		return sandboxNotFound(id)
+	}
+	if err != nil {
+		return err
+	}
+	return c.finishKill(context.WithoutCancel(ctx), sb)
+}
+
+// finishKill makes a sandbox that is marked killing unreachable, stops its VM
+// and deletes its row. A failure leaves the row killing; the evictor retries.
+func (c *Controller) finishKill(ctx context.Context, sb *store.Sandbox) error {
+	// Unroute first: from here on the proxy answers 502 and open streams end.
+	c.catalog.Delete(sb.ID)
+	c.cfg.OnGone(sb.ID)
+	c.metrics.forget(sb.ID)
+	if err := c.node.Kill(ctx, sb.ID); err != nil && !errors.Is(err, node.ErrNotFound) {
+		return fmt.Errorf("kill sandbox %s on node %s: %w", sb.ID, sb.NodeID, err)
+	}
+	if err := c.store.DeleteSandbox(ctx, sb.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("delete sandbox %s: %w", sb.ID, err)
+	}
+	return nil
+}
+
+// SetTimeout moves a running sandbox's deadline to now + d; it may shorten it,
+// and d ≤ 0 expires it at once.
+func (c *Controller) SetTimeout(ctx context.Context, team *store.Team, id string, d time.Duration) error {
+	_, err := c.update(ctx, team, id, func(s *store.Sandbox) error {
+		s.EndAt = clampEnd(team, s, time.Now().Add(max(d, 0)))
+		return nil
+	})
+	return err
+}
+
+// Refresh extends a running sandbox's deadline to at least now + d.
+func (c *Controller) Refresh(ctx context.Context, team *store.Team, id string, d time.Duration) error {
+	_, err := c.update(ctx, team, id, func(s *store.Sandbox) error {
+		s.EndAt = laterEnd(team, s, d)
+		return nil
+	})
+	return err
+}
+
+// Connect extends a running sandbox's deadline (never shortens it) and
+// returns it; resumed reports whether it had to be resumed first.
+func (c *Controller) Connect(ctx context.Context, team *store.Team, id string, timeout time.Duration) (sb *store.Sandbox, resumed bool, err error) {
+	if team.MaxLifetime > 0 && timeout > team.MaxLifetime {
+		return nil, false, errorf(Invalid, "Timeout cannot be greater than %s", hours(team.MaxLifetime))
+	}
+	sb, err = c.update(ctx, team, id, func(s *store.Sandbox) error {
+		s.EndAt = laterEnd(team, s, timeout)
+		return nil
+	})
+	return sb, false, err
+}
+
+// update changes a running sandbox of the team under the row lock.
+func (c *Controller) update(ctx context.Context, team *store.Team, id string, fn func(*store.Sandbox) error) (*store.Sandbox, error) {
+	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
+		switch {
+		case s.TeamID != team.ID:
+			return sandboxNotFound(id)
+		case s.State == store.StateKilling:
+			return errorf(Conflict, "Sandbox %q is being killed", id)
+		case s.State == store.StatePausing:
+			return errorf(Conflict, "Sandbox %q is being paused", id)
+		case s.State == store.StatePaused:
+			return errorf(Conflict, "Sandbox %q is paused", id)
+		}
+		return fn(s)
+	})
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, sandboxNotFound(id)
+	}
+	return sb, err
+}
+
+// laterEnd is the later of the current deadline and now + d, within the team's maximum lifetime.
+func laterEnd(team *store.Team, s *store.Sandbox, d time.Duration) time.Time {
+	end := time.Now().Add(d)
+	if s.EndAt.After(end) {
+		end = s.EndAt
+	}
+	return clampEnd(team, s, end)
+}
+
+// clampEnd keeps a deadline within the team's maximum lifetime, counted from the start.
+func clampEnd(team *store.Team, s *store.Sandbox, end time.Time) time.Time {
+	if team.MaxLifetime > 0 {
+		if limit := s.StartedAt.Add(team.MaxLifetime); end.After(limit) {
+			end = limit
+		}
+	}
+	return end.UTC()
+}
+
+func hours(d time.Duration) string {
+	if h := d.Hours(); h == float64(int(h)) {
+		return fmt.Sprintf("%d hours", int(h))
+	}
+	return d.String()
+}
+
+// newSandboxID returns "i" + 20 characters [a-z0-9]: DNS-label safe for host routing.
+func newSandboxID() (string, error) {
+	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
+	id := make([]byte, 0, 20)
+	buf := make([]byte, 32)
+	for len(id) < cap(id) {
+		if _, err := rand.Read(buf); err != nil {
+			return "", err
+		}
+		for _, b := range buf {
+			// 252 = 7*36: rejecting the rest keeps every character equally likely.
+			if b < 252 && len(id) < cap(id) {
+				id = append(id, alphabet[b%36])
+			}
+		}
+	}
+	return "i" + string(id), nil
+}
+
+func randomHex(n int) (string, error) {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	return hex.EncodeToString(b), nil
+}

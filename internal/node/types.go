@@ -1,0 +1,83 @@
+// Package node runs sandboxes on one host: it takes a network slot, restores
+// the template's snapshot (or boots it) in a microVM, hands the sandbox its
+// configuration through envd's /init, and tracks what runs here.
+//
+// The control plane talks to a node through the Node interface: in `warren up`
+// that is the in-process *Manager; with several hosts it is a node RPC client.
+package node
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned for a sandbox this node does not run.
+var ErrNotFound = errors.New("sandbox not found on this node")
+
+// ErrFull is returned when the node has no room for another sandbox.
+var ErrFull = errors.New("node full")
+
+// SandboxSpec is everything a node needs to start a sandbox.
+type SandboxSpec struct {
+	ID         string
+	TemplateID string
+	BuildID    string
+	// Artifact locates the build's root image and snapshot (store.Build.Artifact).
+	Artifact string
+	CPUCount int
+	MemoryMB int
+	// EnvVars, AccessToken, DefaultUser and DefaultWorkdir go to envd's /init.
+	EnvVars        map[string]string
+	AccessToken    string
+	DefaultUser    string
+	DefaultWorkdir string
+	AllowInternet  bool
+}
+
+// SandboxInfo is a sandbox as the node sees it.
+type SandboxInfo struct {
+	ID         string
+	TemplateID string
+	// Host is the address at which the sandbox's ports are reachable from this
+	// host (its network slot address); envd is Host:49983.
+	Host        string
+	EnvdVersion string
+	StartedAt   time.Time
+}
+
+// Stats is a sandbox's resource use, sampled from its envd.
+type Stats struct {
+	Timestamp  time.Time
+	CPUCount   int
+	CPUUsedPct float64
+	MemUsed    uint64
+	MemTotal   uint64
+	MemCache   uint64
+	DiskUsed   uint64
+	DiskTotal  uint64
+}
+
+// Node is the control plane's view of one host that runs sandboxes.
+type Node interface {
+	// ID names the node (stable across restarts).
+	ID() string
+	// Create starts a sandbox and returns once its envd answers and has
+	// accepted /init.
+	Create(ctx context.Context, spec SandboxSpec) (*SandboxInfo, error)
+	// Kill stops a sandbox and frees everything it held; ErrNotFound if unknown.
+	Kill(ctx context.Context, id string) error
+	// List returns the sandboxes running on the node.
+	List(ctx context.Context) ([]*SandboxInfo, error)
+	// Stats samples a sandbox's resource use.
+	Stats(ctx context.Context, id string) (*Stats, error)
+	// Logs returns a sandbox's boot and agent log lines.
+	Logs(ctx context.Context, id string) ([]LogLine, error)
+}
+
+// LogLine is one line of a sandbox's log.
+type LogLine struct {
+	Time    time.Time
+	Source  string // "boot", "envd", "start"
+	Message string
+}

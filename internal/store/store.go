@@ -1,0 +1,219 @@
+// Package store persists warren's control-plane state: teams, API keys,
+// templates (with builds, aliases and tags) and sandboxes.
+//
+// One interface, two implementations: SQLite (embedded, the default; package
+// store/sqlite) and Postgres (several warren processes share it; package
+// store/postgres). Both run the same goose migrations, written once per SQL
+// dialect, and pass the same tests (storetest).
+//
+// Sandbox state changes go through UpdateSandbox, which runs a caller's
+// function on the current row inside a transaction that locks it (SELECT ...
+// FOR UPDATE on Postgres, a write transaction on SQLite), so concurrent kills,
+// timeouts and connects, even from different processes, see and change one
+// consistent row.
+package store
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// ErrNotFound is returned when the requested row does not exist.
+var ErrNotFound = errors.New("not found")
+
+// ErrConflict is returned when a unique constraint is violated (an alias or
+// key that is already taken).
+var ErrConflict = errors.New("already exists")
+
+// Team owns API keys, templates and sandboxes.
+type Team struct {
+	ID   string
+	Name string
+	Slug string // the namespace of the team's template aliases
+	// MaxSandboxes caps concurrently running sandboxes (0 = no limit).
+	MaxSandboxes int
+	// MaxLifetime caps how long a sandbox may live from its start (0 = no limit).
+	MaxLifetime time.Duration
+	CreatedAt   time.Time
+}
+
+// APIKey authenticates a team. Only a hash of the key is stored.
+type APIKey struct {
+	ID         string
+	TeamID     string
+	Name       string
+	Hash       string // hex SHA-256 of the whole key
+	Mask       string // what may be shown again, e.g. "e2b_1a2b...9f0e"
+	CreatedAt  time.Time
+	LastUsedAt *time.Time
+}
+
+// Template is a named sandbox image; its builds hold the artifacts.
+type Template struct {
+	ID            string
+	TeamID        string
+	Public        bool
+	CreatedAt     time.Time
+	UpdatedAt     time.Time
+	LastSpawnedAt *time.Time
+	SpawnCount    int64
+}
+
+// Alias names a template within a namespace ("" is global, e.g. "base").
+type Alias struct {
+	Namespace  string
+	Alias      string
+	TemplateID string
+}
+
+// BuildStatus is where a template build is.
+type BuildStatus string
+
+// Build statuses, with E2B's names.
+const (
+	BuildWaiting  BuildStatus = "waiting"
+	BuildBuilding BuildStatus = "building"
+	BuildReady    BuildStatus = "ready"
+	BuildError    BuildStatus = "error"
+)
+
+// Build is one build of a template: its resources and where its artifacts are.
+type Build struct {
+	ID          string // UUID
+	TemplateID  string
+	Status      BuildStatus
+	CPUCount    int
+	MemoryMB    int
+	DiskSizeMB  int
+	EnvdVersion string
+	// Artifact locates the build's root image and snapshot in blob storage
+	// (opaque to the store).
+	Artifact   string
+	Reason     string // why a failed build failed
+	CreatedAt  time.Time
+	UpdatedAt  time.Time
+	FinishedAt *time.Time
+}
+
+// Tag points a name at one build of a template ("default" is the latest).
+type Tag struct {
+	TemplateID string
+	Tag        string
+	BuildID    string
+	CreatedAt  time.Time
+}
+
+// SandboxState is a sandbox's place in its lifecycle.
+type SandboxState string
+
+// Sandbox states. A sandbox is inserted running (only once it answers) and
+// leaves through killing (row deleted once the node has cleaned up) or, with
+// pause support, through pausing to paused.
+const (
+	StateRunning SandboxState = "running"
+	StatePausing SandboxState = "pausing"
+	StatePaused  SandboxState = "paused"
+	StateKilling SandboxState = "killing"
+)
+
+// Sandbox is a sandbox as the control plane tracks it.
+type Sandbox struct {
+	ID          string
+	TeamID      string
+	TemplateID  string
+	BuildID     string
+	Alias       string // the template name the client used, shown as "alias"
+	NodeID      string
+	State       SandboxState
+	Metadata    map[string]string
+	EnvVars     map[string]string
+	CPUCount    int
+	MemoryMB    int
+	DiskSizeMB  int
+	EnvdVersion string
+	// EnvdAccessToken authorises calls to the sandbox's agent.
+	EnvdAccessToken string
+	AllowInternet   bool
+	AutoPause       bool
+	AutoResume      bool
+	StartedAt       time.Time
+	EndAt           time.Time
+}
+
+// SandboxFilter selects sandboxes for ListSandboxes. Zero fields match all.
+type SandboxFilter struct {
+	TeamID       string
+	States       []SandboxState
+	Metadata     map[string]string // every pair must match exactly
+	TemplateID   string
+	StartedAfter time.Time // inclusive
+	EndBefore    time.Time // exclusive; for the evictor
+	NodeID       string
+	Ascending    bool // by StartedAt then ID; default newest first
+	// After continues a listing after the sandbox with this (StartedAt, ID)
+	// position, in the listing's order (the API's opaque cursor).
+	After *SandboxCursor
+	Limit int // 0 = no limit
+}
+
+// SandboxCursor is a position in a sandbox listing.
+type SandboxCursor struct {
+	StartedAt time.Time
+	ID        string
+}
+
+// Store is warren's persistence. Methods return ErrNotFound (wrapped) for
+// missing rows and ErrConflict for taken unique names.
+type Store interface {
+	CreateTeam(ctx context.Context, t *Team) error
+	GetTeam(ctx context.Context, id string) (*Team, error)
+	ListTeams(ctx context.Context) ([]*Team, error)
+
+	CreateAPIKey(ctx context.Context, k *APIKey) error
+	// APIKeyByHash finds a key by the hex SHA-256 of its text.
+	APIKeyByHash(ctx context.Context, hash string) (*APIKey, error)
+	ListAPIKeys(ctx context.Context, teamID string) ([]*APIKey, error)
+	DeleteAPIKey(ctx context.Context, teamID, id string) error
+	TouchAPIKey(ctx context.Context, id string, usedAt time.Time) error
+
+	CreateTemplate(ctx context.Context, t *Template) error
+	GetTemplate(ctx context.Context, id string) (*Template, error)
+	// ListTemplates returns a team's templates and, with public, every public one.
+	ListTemplates(ctx context.Context, teamID string, public bool) ([]*Template, error)
+	UpdateTemplate(ctx context.Context, t *Template) error
+	DeleteTemplate(ctx context.Context, id string) error // with its aliases, builds and tags
+	RecordSpawn(ctx context.Context, templateID string, at time.Time) error
+
+	// SetAlias points namespace/alias at a template; ErrConflict when another
+	// template holds it.
+	SetAlias(ctx context.Context, a *Alias) error
+	GetAlias(ctx context.Context, namespace, alias string) (*Alias, error)
+	ListAliases(ctx context.Context, templateID string) ([]*Alias, error)
+	DeleteAlias(ctx context.Context, namespace, alias string) error
+
+	CreateBuild(ctx context.Context, b *Build) error
+	GetBuild(ctx context.Context, id string) (*Build, error)
+	UpdateBuild(ctx context.Context, b *Build) error
+	// ListBuilds returns a template's builds, newest first.
+	ListBuilds(ctx context.Context, templateID string) ([]*Build, error)
+
+	// SetTag points templateID:tag at a build (replacing any earlier target).
+	SetTag(ctx context.Context, t *Tag) error
+	GetTag(ctx context.Context, templateID, tag string) (*Tag, error)
+	ListTags(ctx context.Context, templateID string) ([]*Tag, error)
+	DeleteTag(ctx context.Context, templateID, tag string) error
+
+	// InsertSandbox records a new sandbox; ErrConflict if the ID is taken.
+	InsertSandbox(ctx context.Context, s *Sandbox) error
+	GetSandbox(ctx context.Context, id string) (*Sandbox, error)
+	ListSandboxes(ctx context.Context, f SandboxFilter) ([]*Sandbox, error)
+	CountSandboxes(ctx context.Context, f SandboxFilter) (int, error)
+	// UpdateSandbox runs fn on the current row under a row lock and writes
+	// back what fn leaves in it. An error from fn aborts without writing and
+	// is returned as is.
+	UpdateSandbox(ctx context.Context, id string, fn func(*Sandbox) error) (*Sandbox, error)
+	DeleteSandbox(ctx context.Context, id string) error
+
+	Close() error
+}
