@@ -142,20 +142,36 @@ type Agent struct {
 type Options struct {
 	Args []string // extra flags
 	Env  []string // extra environment
+	// Host is the loopback address to listen on (default 127.0.0.1); any
+	// 127.0.0.0/8 address lets a test run several agents on the same port.
+	Host string
+	// Port is the port to listen on (default: a free one); e.g. 49983 for
+	// tests of code that treats the agent's port specially.
+	Port int
 }
 
-// Start runs envd on a free loopback port and waits until /health answers.
+// Start runs envd (by default on a free 127.0.0.1 port) and waits until /health answers.
 // It is stopped (SIGTERM, then SIGKILL) when the test ends; its log is printed
 // if the test failed.
 func Start(t testing.TB, opts Options) *Agent {
 	t.Helper()
 	EnsureUser(t)
 	bin := Binary(t)
+	if opts.Host == "" {
+		opts.Host = "127.0.0.1"
+	}
+	attempts := 5
+	if opts.Port != 0 {
+		attempts = 1 // a fixed port does not get freer by retrying
+	}
 	var lastErr error
-	for attempt := 0; attempt < 5; attempt++ {
-		port, err := freePort()
-		if err != nil {
-			t.Fatal(err)
+	for attempt := 0; attempt < attempts; attempt++ {
+		port := opts.Port
+		if port == 0 {
+			var err error
+			if port, err = freePort(opts.Host); err != nil {
+				t.Fatal(err)
+			}
 		}
 		a, err := startOn(t, bin, port, opts)
 		if err == nil {
@@ -168,7 +184,7 @@ func Start(t testing.TB, opts Options) *Agent {
 }
 
 func startOn(t testing.TB, bin string, port int, opts Options) (*Agent, error) {
-	args := append([]string{"--host", "127.0.0.1", "--port", strconv.Itoa(port)}, opts.Args...)
+	args := append([]string{"--host", opts.Host, "--port", strconv.Itoa(port)}, opts.Args...)
 	cmd := exec.Command(bin, args...)
 	logs := &syncWriter{}
 	cmd.Stdout, cmd.Stderr = logs, logs
@@ -179,7 +195,7 @@ func startOn(t testing.TB, bin string, port int, opts Options) (*Agent, error) {
 	}
 	exited := make(chan error, 1)
 	go func() { exited <- cmd.Wait() }()
-	a := &Agent{URL: fmt.Sprintf("http://127.0.0.1:%d", port), PID: cmd.Process.Pid, logs: logs}
+	a := &Agent{URL: "http://" + net.JoinHostPort(opts.Host, strconv.Itoa(port)), PID: cmd.Process.Pid, logs: logs}
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		select {
@@ -291,8 +307,8 @@ func (h headerInterceptor) WrapStreamingHandler(next connect.StreamingHandlerFun
 	return next
 }
 
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+func freePort(host string) (int, error) {
+	ln, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 	if err != nil {
 		return 0, err
 	}

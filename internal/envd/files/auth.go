@@ -1,21 +1,20 @@
 package files
 
 import (
-	"crypto/sha256"
 	"crypto/subtle"
-	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
 	"strconv"
-	"strings"
 	"time"
+
+	"github.com/warren-sh/warren/internal/envd/filesig"
 )
 
 // Signing operations: the op field of a signature (ENVD.md §9).
 const (
-	opRead  = "read"
-	opWrite = "write"
+	opRead  = filesig.OpRead
+	opWrite = filesig.OpWrite
 )
 
 // unauthorizedMessage is the token middleware's message in package envd; a
@@ -41,19 +40,15 @@ func (h *Handler) authorize(r *http.Request, op string) error {
 	if !q.Has("signature") {
 		return errors.New("missing signature query parameter")
 	}
-	var expiration *string
-	if q.Has("signature_expiration") {
-		e := q.Get("signature_expiration")
-		expiration = &e
-	}
-	want := signature(q.Get("path"), op, q.Get("username"), token, expiration)
+	expiration := q.Get("signature_expiration")
+	want := filesig.Sign(q.Get("path"), op, q.Get("username"), token, expiration)
 	if subtle.ConstantTimeCompare([]byte(want), []byte(q.Get("signature"))) != 1 {
 		return errors.New("invalid signature")
 	}
-	if expiration != nil {
-		exp, err := strconv.ParseInt(*expiration, 10, 64)
+	if q.Has("signature_expiration") {
+		exp, err := strconv.ParseInt(expiration, 10, 64)
 		if err != nil {
-			return fmt.Errorf("invalid signature_expiration '%s': want unix seconds", *expiration)
+			return fmt.Errorf("invalid signature_expiration '%s': want unix seconds", expiration)
 		}
 		// The SDK test asserts this exact message.
 		if exp < time.Now().Unix() {
@@ -61,16 +56,4 @@ func (h *Handler) authorize(r *http.Request, op string) error {
 		}
 	}
 	return nil
-}
-
-// signature is the URL signature the SDK computes for downloadUrl/uploadUrl:
-// "v1_" + unpadded base64 of sha256(path:op:username:token[:expiration]).
-// path is the query value as the client sent it, not the resolved path.
-func signature(path, op, username, token string, expiration *string) string {
-	parts := []string{path, op, username, token}
-	if expiration != nil {
-		parts = append(parts, *expiration)
-	}
-	sum := sha256.Sum256([]byte(strings.Join(parts, ":")))
-	return "v1_" + base64.RawStdEncoding.EncodeToString(sum[:])
 }
