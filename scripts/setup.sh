@@ -27,7 +27,13 @@ command -v apt-get >/dev/null || die "apt-get not found: this script supports De
 #   ca-certificates  Go module proxy and npm registry over TLS
 #   passwd           useradd, for the test account `user`
 #   coreutils, bash, procps  commands the tests run inside envd (stty, tty, whoami, sleep, pkill)
-want=(make git protobuf-compiler ca-certificates passwd coreutils bash procps)
+#   qemu-system-x86, qemu-utils  the microVM runtime (QEMU microvm machine, qemu-img overlays)
+#   debootstrap, e2fsprogs       the Debian base template (rootfs tree → ext4 with mkfs.ext4 -d, debugfs)
+#   busybox-static               tiny root images in the VM boot tests
+#   iproute2, nftables           network slots (the code uses netlink/nftables directly; ip/nft for diagnosis and tests)
+#   postgresql                   the Postgres store's tests start a private server with its binaries
+want=(make git protobuf-compiler ca-certificates passwd coreutils bash procps
+	qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2 nftables postgresql)
 
 # Node.js: the SDK tests need >= $NODE_MIN. Debian 12's nodejs (18) is too old,
 # so it is only installed from apt when the configured repositories offer a
