@@ -3,6 +3,7 @@ package envd
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -27,6 +29,12 @@ type initRequest struct {
 	Timestamp      *time.Time        `json:"timestamp"`
 	DefaultUser    *string           `json:"defaultUser"`
 	DefaultWorkdir *string           `json:"defaultWorkdir"`
+	// Entropy is a warren extension (base64 in JSON): random bytes from the
+	// node that envd in a VM mixes into the kernel's pool before reseeding the
+	// kernel RNG with them. Clones of one snapshot resume with the same RNG
+	// state and would otherwise hand out the same "random" bytes. E2B's envd
+	// ignores the field, and so does envd on a host.
+	Entropy []byte `json:"entropy"`
 }
 
 // InitSecretHeader carries Config.InitSecret on /init calls from the node.
@@ -34,6 +42,10 @@ const InitSecretHeader = "X-Warren-Init-Secret"
 
 // maxInitBody bounds /init; it carries a few env vars and strings.
 const maxInitBody = 1 << 20
+
+// maxEntropy bounds initRequest.Entropy: the kernel's input pool is 256 bits,
+// so more bytes than this add nothing.
+const maxEntropy = 512
 
 func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 	// Once a token is set only its holder, or the node with the init secret, may
@@ -61,9 +73,21 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	if len(req.Entropy) > maxEntropy {
+		reply.Error(w, http.StatusBadRequest, "entropy: %d bytes, at most %d", len(req.Entropy), maxEntropy)
+		return
+	}
 	if req.Timestamp != nil && s.cfg.SetClock {
 		if err := setClock(*req.Timestamp); err != nil {
 			s.cfg.Log.Error("set clock from /init", "err", err)
+		}
+	}
+	// Like the clock, the kernel RNG is the VM's own only in a VM (SetClock).
+	// A clone that cannot reseed must not run: it would share its keys.
+	if len(req.Entropy) > 0 && s.cfg.SetClock {
+		if err := reseedRandom(req.Entropy); err != nil {
+			reply.Error(w, http.StatusInternalServerError, "reseed the kernel RNG: %v", err)
+			return
 		}
 	}
 	s.state.MergeEnvVars(req.EnvVars)
@@ -95,6 +119,45 @@ func setClock(t time.Time) error {
 		return fmt.Errorf("clock_settime: %w", err)
 	}
 	return nil
+}
+
+// reseedRandom mixes b into the kernel's entropy pool, credits it
+// (RNDADDENTROPY) and makes the kernel RNG reseed from the pool at once
+// (RNDRESEEDCRNG): a credit alone reseeds only on the kernel's own schedule,
+// up to a minute later. Both ioctls need CAP_SYS_ADMIN; envd is root in a VM.
+func reseedRandom(b []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	// struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+	info := make([]byte, 8+len(b))
+	binary.NativeEndian.PutUint32(info[0:], uint32(8*len(b)))
+	binary.NativeEndian.PutUint32(info[4:], uint32(len(b)))
+	copy(info[8:], b)
+	var errno unix.Errno
+	if err := withRawFd(f, func(fd uintptr) {
+		if _, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&info[0]))); errno != 0 {
+			return
+		}
+		_, _, errno = unix.Syscall(unix.SYS_IOCTL, fd, unix.RNDRESEEDCRNG, 0)
+	}); err != nil {
+		return err
+	}
+	if errno != 0 {
+		return fmt.Errorf("ioctl on /dev/urandom: %w", errno)
+	}
+	return nil
+}
+
+// withRawFd runs fn with f's descriptor, which stays open meanwhile.
+func withRawFd(f *os.File, fn func(fd uintptr)) error {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return err
+	}
+	return rc.Control(fn)
 }
 
 func (s *Server) handleEnvs(w http.ResponseWriter, r *http.Request) {

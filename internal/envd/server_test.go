@@ -2,6 +2,7 @@ package envd_test
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"io"
 	"net/http"
@@ -61,6 +62,9 @@ func TestInitBadInput(t *testing.T) {
 		"not json":     `{"envVars":`,
 		"unknown user": `{"defaultUser":"no-such-user-here"}`,
 		"wrong type":   `{"envVars":["A"]}`,
+		// entropy is warren's extension: base64 bytes, at most 512 of them.
+		"entropy not base64": `{"entropy":"not base64!"}`,
+		"entropy too long":   `{"entropy":"` + base64.StdEncoding.EncodeToString(make([]byte, 513)) + `"}`,
 	} {
 		t.Run(name, func(t *testing.T) {
 			resp, raw := do(t, "POST", a.URL+"/init", body, nil)
@@ -75,6 +79,17 @@ func TestInitBadInput(t *testing.T) {
 				t.Fatalf("body %q is not an E2B error body", raw)
 			}
 		})
+	}
+}
+
+// TestInitEntropyOnHost: a host agent accepts the entropy field and leaves the
+// host's RNG alone (reseeding is for VMs; the microvm tests check that clones
+// diverge).
+func TestInitEntropyOnHost(t *testing.T) {
+	a := envdtest.Start(t, envdtest.Options{})
+	body := map[string]any{"entropy": make([]byte, 64), "envVars": map[string]string{"A": "1"}}
+	if code := a.Init(t, body, nil); code != http.StatusNoContent {
+		t.Fatalf("/init with entropy: %d, want 204", code)
 	}
 }
 
