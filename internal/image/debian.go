@@ -25,8 +25,11 @@ const (
 	// debianRecipe versions what configureDebianBase writes: bump it when the
 	// image content changes, so cached images are rebuilt.
 	debianRecipe = 1
-	// Hostname is the base image's /etc/hostname; E2B sandboxes answer e2b.local.
-	Hostname = "e2b.local"
+	// hostname is the base image's /etc/hostname: E2B sandboxes answer e2b.local.
+	hostname = "e2b.local"
+	// buildDiskBytes is about the most a build has on disk at once: the tree
+	// with apt's downloads, then the tree and the image's data side by side.
+	buildDiskBytes = 2 * GiB
 )
 
 // debianBasePackages are installed on top of debootstrap's minbase (which has
@@ -52,12 +55,6 @@ var debianBasePackages = []string{
 	"tzdata",
 }
 
-// DebianBasePackages returns the packages the base image asks for on top of
-// debootstrap's minbase.
-func DebianBasePackages() []string {
-	return slices.Clone(debianBasePackages)
-}
-
 // DebianBaseOptions says where to build the base image and from what.
 type DebianBaseOptions struct {
 	// DataDir is warren's data directory; the image lands in DataDir/templates/base.
@@ -76,8 +73,8 @@ type DebianBaseOptions struct {
 }
 
 // BuildDebianBase returns the base template's root filesystem image, building
-// it when DataDir has none for these options: debootstrap Debian (minbase plus
-// DebianBasePackages), the E2B conventions (user `user`, uid 1000, passwordless
+// it when DataDir has none for these options: debootstrap Debian minbase, apt
+// installs of the tools E2B's base has, the E2B conventions (user `user`, uid 1000, passwordless
 // sudo), envd at /usr/bin/envd, then an ext4 image with FreeBytes to spare.
 //
 // A cached image is returned at once; one that differs only in envd gets the
@@ -138,7 +135,7 @@ func BuildDebianBase(ctx context.Context, opts DebianBaseOptions) (*Image, error
 		Recipe:     debianRecipe,
 		Suite:      DebianSuite,
 		Mirror:     opts.Mirror,
-		Packages:   DebianBasePackages(),
+		Packages:   slices.Clone(debianBasePackages),
 		FreeBytes:  opts.FreeBytes,
 		EnvdSHA256: envdSHA,
 	}
@@ -160,6 +157,13 @@ func BuildDebianBase(ctx context.Context, opts DebianBaseOptions) (*Image, error
 	}
 	if os.Geteuid() != 0 {
 		return nil, errors.New("build base image: needs root (debootstrap chroots into the tree and creates device nodes)")
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err != nil {
+		return nil, fmt.Errorf("build base image: statfs %s: %w", dir, err)
+	}
+	if avail := int64(fs.Bavail) * fs.Bsize; avail < buildDiskBytes {
+		return nil, fmt.Errorf("build base image: needs about %d MiB free in %s, has %d MiB", buildDiskBytes>>20, dir, avail>>20)
 	}
 	img, err := rebuild(dir, func(work string) (*Image, error) {
 		return buildDebianBase(ctx, p, tools, work, opts, envd, want)
@@ -334,8 +338,8 @@ func configureDebianBase(ctx context.Context, p *progress, tools map[string]stri
 	}
 	files := []treeFile{
 		{"etc/sudoers.d/user", "user ALL=(ALL:ALL) NOPASSWD: ALL\n", 0o440},
-		{"etc/hostname", Hostname + "\n", 0o644},
-		{"etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\t" + Hostname + "\n" +
+		{"etc/hostname", hostname + "\n", 0o644},
+		{"etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\t" + hostname + "\n" +
 			"::1\tlocalhost ip6-localhost ip6-loopback\nff02::1\tip6-allnodes\nff02::2\tip6-allrouters\n", 0o644},
 		// debootstrap copied the build host's resolver in; the node writes the
 		// sandbox's own at start.
@@ -598,6 +602,9 @@ func isOctal(c byte) bool { return c >= '0' && c <= '7' }
 // withDebootstrapLog adds the end of debootstrap's own log to err: its output
 // only says "see debootstrap.log", and the work dir holding it is removed.
 func withDebootstrapLog(err error, tree string) error {
+	if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
 	b, rerr := os.ReadFile(filepath.Join(tree, "debootstrap", "debootstrap.log"))
 	if rerr != nil {
 		return err

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -292,7 +293,7 @@ func TestReplaceEnvd(t *testing.T) {
 func TestManifestRoundTrip(t *testing.T) {
 	dir := t.TempDir()
 	m := Manifest{
-		Recipe: debianRecipe, Suite: DebianSuite, Mirror: DefaultMirror, Packages: DebianBasePackages(),
+		Recipe: debianRecipe, Suite: DebianSuite, Mirror: DefaultMirror, Packages: slices.Clone(debianBasePackages),
 		FreeBytes: GiB, EnvdSHA256: strings.Repeat("ab", 32), SizeBytes: 1765801984,
 		BuiltAt: time.Date(2026, 11, 27, 8, 43, 39, 250, time.UTC), BuildSeconds: 182,
 	}
