@@ -73,9 +73,10 @@ type DebianBaseOptions struct {
 }
 
 // BuildDebianBase returns the base template's root filesystem image, building
-// it when DataDir has none for these options: debootstrap Debian minbase, apt
-// installs of the tools E2B's base has, the E2B conventions (user `user`, uid 1000, passwordless
-// sudo), envd at /usr/bin/envd, then an ext4 image with FreeBytes to spare.
+// it when DataDir has none for these options: Debian minbase from debootstrap,
+// the tools E2B's base has from apt, E2B's conventions (user `user`, uid 1000,
+// passwordless sudo), envd at /usr/bin/envd, packed into an ext4 image with
+// FreeBytes to spare.
 //
 // A cached image is returned at once; one that differs only in envd gets the
 // new envd swapped in (about a second); any other difference, or Force,
@@ -166,7 +167,7 @@ func BuildDebianBase(ctx context.Context, opts DebianBaseOptions) (*Image, error
 		return nil, fmt.Errorf("build base image: needs about %d MiB free in %s, has %d MiB", buildDiskBytes>>20, dir, avail>>20)
 	}
 	img, err := rebuild(dir, func(work string) (*Image, error) {
-		return buildDebianBase(ctx, p, tools, work, opts, envd, want)
+		return buildDebianBase(ctx, p, tools, work, envd, want)
 	})
 	if err != nil {
 		return nil, fmt.Errorf("build base image: %w", err)
@@ -192,6 +193,11 @@ func rebuild(dir string, build func(work string) (*Image, error)) (img *Image, e
 	if err != nil {
 		return nil, err
 	}
+	// Without its manifest a half-replaced image is rebuilt, never taken for
+	// the old one (a crash between these steps would otherwise pair them).
+	if err := os.Remove(filepath.Join(dir, manifestName)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove old manifest: %w", err)
+	}
 	final := filepath.Join(dir, imageName)
 	if err := os.Rename(img.Path, final); err != nil {
 		return nil, fmt.Errorf("move image into place: %w", err)
@@ -204,7 +210,7 @@ func rebuild(dir string, build func(work string) (*Image, error)) (img *Image, e
 }
 
 // buildDebianBase debootstraps, configures and packs the base image in work.
-func buildDebianBase(ctx context.Context, p *progress, tools map[string]string, work string, opts DebianBaseOptions, envd string, m Manifest) (*Image, error) {
+func buildDebianBase(ctx context.Context, p *progress, tools map[string]string, work, envd string, m Manifest) (*Image, error) {
 	tree := filepath.Join(work, "rootfs")
 	// debootstrap lays down minbase only: its own dependency resolver cannot
 	// install npm (it misses alternatives and virtual packages), so the

@@ -5,6 +5,15 @@
 // with `mkfs.ext4 -d`. The microvm runtime attaches it read-only as the backing
 // file of a per-sandbox qcow2 overlay; warren's init mounts it as /.
 //
+// The base image (BuildDebianBase) is Debian bookworm minbase plus what E2B's
+// `base` users reach for (bash, python3 with pip and venv, nodejs, npm, git,
+// curl, ss, pgrep, sudo, CA certificates), user `user` (1000:1000, /home/user,
+// bash, passwordless sudo), envd at /usr/bin/envd, /etc/hostname "e2b.local"
+// (init sets the kernel's hostname from it) and a placeholder /etc/resolv.conf
+// that the node fills in. The file system keeps no blocks reserved for root,
+// has an inode per 8 KiB, and grows with resize2fs: offline after a truncate,
+// or online in the guest once its overlay is larger than the image.
+//
 // Layout under the data directory:
 //
 //	<dataDir>/templates/base/
