@@ -9,7 +9,7 @@
 // `base` users reach for (bash, python3 with pip and venv, nodejs, npm, git,
 // curl, ss, pgrep, sudo, CA certificates), user `user` (1000:1000, /home/user,
 // bash, passwordless sudo), envd at /usr/bin/envd, /etc/hostname "e2b.local"
-// (init sets the kernel's hostname from it) and a placeholder /etc/resolv.conf
+// (for init to give the kernel; sudo looks it up in /etc/hosts) and a placeholder /etc/resolv.conf
 // that the node fills in. The file system keeps no blocks reserved for root,
 // has an inode per 8 KiB, and grows with resize2fs: offline after a truncate,
 // or online in the guest once its overlay is larger than the image.
@@ -23,9 +23,11 @@
 //	    .build-*/       work directories of a build in progress (removed on failure
 //	                    and reclaimed by the next build after a crash)
 //
-// Rebuilding replaces rootfs.ext4 by rename: a running QEMU keeps reading the old
-// file, but a qcow2 overlay that names the path would see the new content, so
-// callers must not rebuild (Force, or a new envd) under live overlays of the base.
+// rootfs.ext4 is never changed in place: a build (Force, or a new envd) renames
+// a new file over it. A running QEMU keeps reading the old file, but a qcow2
+// overlay that names the path would see the new content; a consumer that needs
+// a stable backing file hard-links rootfs.ext4 (same file system, no copy) and
+// names the link.
 package image
 
 import (
