@@ -23,9 +23,18 @@ const testCacheDir = "/var/tmp/warren-test-cache"
 
 var baseOnce struct {
 	sync.Once
-	img  *Image
-	envd string
-	err  error
+	img     *Image
+	envd    string
+	envdDir string
+	err     error
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if baseOnce.envdDir != "" {
+		os.RemoveAll(baseOnce.envdDir)
+	}
+	os.Exit(code)
 }
 
 // baseImage builds (or takes from testCacheDir) the real base image, with an
@@ -41,8 +50,7 @@ func baseImage(t *testing.T) (*Image, string) {
 			baseOnce.err = err
 			return
 		}
-		// Not removed: the binary lives as long as the test process; the OS
-		// temp dir is cleaned by the host.
+		baseOnce.envdDir = dir // TestMain removes it
 		envd := filepath.Join(dir, "envd")
 		if baseOnce.err = buildEnvd(envd); baseOnce.err != nil {
 			return
