@@ -1,0 +1,192 @@
+// Package proxy carries sandbox traffic: requests for a port inside a sandbox,
+// named by the E2b-Sandbox-Id/E2b-Sandbox-Port headers or by a
+// <port>-<sandboxID>.<domain> host, go to that sandbox's address; everything
+// else on warren's single listener goes to the API (PROXY.md).
+//
+// The life of a proxied request:
+//
+//	route      headers, host or URL signature → sandbox ID + port (400 text/plain when malformed)
+//	guard      agent-internal paths on 49983 → 404; Router.Lookup → 502 when not running;
+//	           traffic token on other ports → 403
+//	forward    HTTP/1.1 to Target.Host:port, streamed both ways, no timeouts
+//	abort      Abort(sandboxID) cuts every in-flight request of a killed sandbox
+package proxy
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"sync"
+)
+
+// EnvdPort is the port of the in-sandbox agent (envd).
+const EnvdPort = 49983
+
+// ErrSandboxNotFound is what a Router returns for unknown, killed or paused sandboxes.
+var ErrSandboxNotFound = errors.New("sandbox not found")
+
+// Target is where a running sandbox's ports are reachable.
+type Target struct {
+	SandboxID string
+	// Host is the address the proxy reaches the sandbox at (its slot
+	// address); it dials Host:port.
+	Host string
+	// EnvdToken is the agent's access token; signed /files URLs without
+	// routing headers are routed by the token that validates their signature.
+	EnvdToken string
+	// TrafficToken is non-empty when the sandbox was created with
+	// allowPublicTraffic:false; ports other than 49983 then require it.
+	TrafficToken string
+}
+
+// Router tells the proxy where running sandboxes are. The control plane
+// implements it; it must stop returning a sandbox before it calls Abort for it,
+// so that no request slips in after the abort.
+type Router interface {
+	// Lookup returns the target of a running sandbox; ErrSandboxNotFound for
+	// unknown, killed or paused ones.
+	Lookup(ctx context.Context, sandboxID string) (*Target, error)
+	// Running lists the running sandboxes' targets (signed-URL routing checks
+	// each one's token).
+	Running(ctx context.Context) ([]*Target, error)
+}
+
+// Config is how a Proxy routes.
+type Config struct {
+	Router Router
+	// Domain is E2B_DOMAIN (README mode B): <port>-<id>.<Domain> hosts are
+	// sandbox traffic, api.<Domain> is the API. Empty: header routing only
+	// (mode A), plus hosts whose first label has the <port>-<id> form.
+	Domain string
+	Log    *slog.Logger
+}
+
+// Proxy routes and forwards sandbox traffic.
+type Proxy struct {
+	cfg       Config
+	forwarder *httputil.ReverseProxy
+	upstream  *upstream
+
+	mu       sync.Mutex
+	inflight map[string]map[*inflightRequest]struct{} // by sandbox ID
+}
+
+// inflightRequest is one proxied request that Abort can cut.
+type inflightRequest struct{ cancel context.CancelCauseFunc }
+
+// errAborted is the cancel cause of requests cut by Abort.
+var errAborted = errors.New("sandbox stopped")
+
+// New returns a Proxy. Its upstream connections are released by Close.
+func New(cfg Config) *Proxy {
+	if cfg.Log == nil {
+		cfg.Log = slog.Default()
+	}
+	p := &Proxy{cfg: cfg, upstream: newUpstream(), inflight: map[string]map[*inflightRequest]struct{}{}}
+	p.forwarder = p.newForwarder()
+	return p
+}
+
+// Close releases idle upstream connections.
+func (p *Proxy) Close() { p.upstream.closeIdle() }
+
+// Wrap returns the handler of warren's single listener: requests that target a
+// sandbox go to the proxy, everything else to api.
+func (p *Proxy) Wrap(api http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p.answerPreflight(w, r) {
+			return
+		}
+		d, err := p.route(r)
+		switch {
+		case err != nil:
+			// Malformed routing is plain text, as upstream answers it (§1).
+			http.Error(w, err.Error(), http.StatusBadRequest)
+		case d == nil:
+			api.ServeHTTP(w, r)
+		default:
+			p.serve(w, r, d)
+		}
+	})
+}
+
+// Abort cuts every in-flight request of sandboxID: the client sees the
+// connection (HTTP/1.1) or stream (h2) reset mid-body, which the SDK reads as
+// "sandbox was killed". Call it after the Router stops returning the sandbox.
+func (p *Proxy) Abort(sandboxID string) {
+	p.mu.Lock()
+	reqs := p.inflight[sandboxID]
+	delete(p.inflight, sandboxID)
+	p.mu.Unlock()
+	for req := range reqs {
+		req.cancel(errAborted)
+	}
+	// Pooled agent connections would otherwise outlive the sandbox, and its
+	// slot address may soon belong to another one.
+	p.upstream.closeIdle()
+}
+
+// track registers a request of sandboxID for Abort; done unregisters it.
+func (p *Proxy) track(ctx context.Context, sandboxID string) (_ context.Context, done func()) {
+	ctx, cancel := context.WithCancelCause(ctx)
+	req := &inflightRequest{cancel: cancel}
+	p.mu.Lock()
+	if p.inflight[sandboxID] == nil {
+		p.inflight[sandboxID] = map[*inflightRequest]struct{}{}
+	}
+	p.inflight[sandboxID][req] = struct{}{}
+	p.mu.Unlock()
+	return ctx, func() {
+		p.mu.Lock()
+		if reqs := p.inflight[sandboxID]; reqs != nil {
+			delete(reqs, req)
+			if len(reqs) == 0 {
+				delete(p.inflight, sandboxID)
+			}
+		}
+		p.mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// serve checks a routed request against the sandbox's state and forwards it.
+func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
+	if d.port == EnvdPort && isAgentInternal(r.URL.Path) {
+		writeAgentInternal(w, r)
+		return
+	}
+	var target *Target
+	if d.signed {
+		var ok bool
+		if target, ok = p.signedTarget(w, r); !ok {
+			return
+		}
+		d.sandboxID = target.SandboxID
+	}
+	// Tracked before the lookup: an Abort between lookup and forwarding still
+	// reaches this request.
+	ctx, done := p.track(r.Context(), d.sandboxID)
+	defer done()
+	r = r.WithContext(ctx)
+
+	if target == nil {
+		var err error
+		target, err = p.cfg.Router.Lookup(ctx, d.sandboxID)
+		if errors.Is(err, ErrSandboxNotFound) {
+			writeSandboxNotFound(w, r, d.sandboxID)
+			return
+		}
+		if err != nil {
+			// Not 502: the SDK reads any 502 from the agent port as "sandbox gone".
+			p.cfg.Log.Error("look up sandbox", "sandbox", d.sandboxID, "err", err)
+			writeError(w, r, http.StatusInternalServerError, errorBody{SandboxID: d.sandboxID, Message: lookupFailedMessage})
+			return
+		}
+	}
+	if d.port != EnvdPort && !trafficTokenOK(w, r, target) {
+		return
+	}
+	p.forward(w, r, target, d.port)
+}
