@@ -10,6 +10,10 @@
 //	           traffic token on other ports → 403
 //	forward    HTTP/1.1 to Target.Host:port, streamed both ways, no timeouts
 //	abort      Abort(sandboxID) cuts every in-flight request of a killed sandbox
+//
+// The http.Server in front must leave ReadTimeout and WriteTimeout unset
+// (commands stream for hours) and may set IdleTimeout to upstream's 620 s;
+// with a certs TLS configuration it serves h2 and HTTP/1.1.
 package proxy
 
 import (
@@ -124,7 +128,8 @@ func (p *Proxy) Abort(sandboxID string) {
 		req.cancel(errAborted)
 	}
 	// Pooled agent connections would otherwise outlive the sandbox, and its
-	// slot address may soon belong to another one.
+	// slot address may soon belong to another one. (The transport can only
+	// drop all idle connections; others simply reconnect.)
 	p.upstream.closeIdle()
 }
 
@@ -184,6 +189,12 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
 			writeError(w, r, http.StatusInternalServerError, errorBody{SandboxID: d.sandboxID, Message: lookupFailedMessage})
 			return
 		}
+	}
+	if target.Host == "" {
+		// Dialing ":port" would reach this host's own services.
+		p.cfg.Log.Error("router returned a sandbox without an address", "sandbox", d.sandboxID)
+		writeError(w, r, http.StatusInternalServerError, errorBody{SandboxID: d.sandboxID, Message: lookupFailedMessage})
+		return
 	}
 	if d.port != EnvdPort && !trafficTokenOK(w, r, target) {
 		return

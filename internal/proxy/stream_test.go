@@ -13,6 +13,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -370,6 +371,42 @@ func TestWebSocket(t *testing.T) {
 		if got != msg {
 			t.Errorf("echo %q, want %q", got, msg)
 		}
+	}
+
+	// A kill cuts the upgraded connection too.
+	e.router.remove("ws")
+	e.proxy.Abort("ws")
+	ws.SetDeadline(time.Now().Add(time.Second))
+	var got string
+	if err := websocket.Message.Receive(ws, &got); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("after Abort: receive %q, err %v; want the connection closed at once", got, err)
+	}
+}
+
+// TestDialRetry: a server that starts listening shortly after the request
+// (as behind the guest's loopback forwarder) is still reached.
+func TestDialRetry(t *testing.T) {
+	e := newEnv(t)
+	ip := loopbackIP()
+	e.router.add(&Target{SandboxID: "late", Host: ip})
+	port := closedPort(t, ip)
+	started := make(chan struct{})
+	go func() {
+		defer close(started)
+		time.Sleep(300 * time.Millisecond)
+		ln, err := net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port)))
+		if err != nil {
+			t.Errorf("listen late: %v", err)
+			return
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "late server") })}
+		go srv.Serve(ln)
+		t.Cleanup(func() { srv.Close() })
+	}()
+	r := e.do(t, request{path: "/", headers: routed("late", port)})
+	<-started
+	if r.status != 200 || r.body != "late server" {
+		t.Errorf("got %d %q, want the late server's answer", r.status, r.body)
 	}
 }
 
