@@ -11,6 +11,17 @@
 // FOR UPDATE on Postgres, a write transaction on SQLite), so concurrent kills,
 // timeouts and connects, even from different processes, see and change one
 // consistent row.
+//
+// Conventions shared by every method and both implementations:
+//   - Times are kept to the microsecond (Postgres' precision) and come back in
+//     UTC. Create, Insert and Update methods round the times of the value they
+//     are given the same way, in place, so the caller holds what a Get returns.
+//   - Metadata and EnvVars come back as non-nil maps; nil and empty are stored
+//     alike, so a caller may add to them (in UpdateSandbox's fn) without a check.
+//   - ErrNotFound (wrapped, with the missing ID) means the row asked for is
+//     missing, or a row a new one refers to (a key's team, an alias's
+//     template, a tag's build of that template).
+//   - ErrConflict (wrapped) means a unique name or ID is taken.
 package store
 
 import (
@@ -141,7 +152,8 @@ type Sandbox struct {
 	EndAt           time.Time
 }
 
-// SandboxFilter selects sandboxes for ListSandboxes. Zero fields match all.
+// SandboxFilter selects sandboxes for ListSandboxes and CountSandboxes. Zero
+// fields match all; set fields must all match.
 type SandboxFilter struct {
 	TeamID       string
 	States       []SandboxState
@@ -153,6 +165,7 @@ type SandboxFilter struct {
 	Ascending    bool // by StartedAt then ID; default newest first
 	// After continues a listing after the sandbox with this (StartedAt, ID)
 	// position, in the listing's order (the API's opaque cursor).
+	// CountSandboxes ignores it, and Limit.
 	After *SandboxCursor
 	Limit int // 0 = no limit
 }
@@ -166,54 +179,81 @@ type SandboxCursor struct {
 // Store is warren's persistence. Methods return ErrNotFound (wrapped) for
 // missing rows and ErrConflict for taken unique names.
 type Store interface {
+	// CreateTeam stores a team; ErrConflict if its ID or Slug is taken.
 	CreateTeam(ctx context.Context, t *Team) error
 	GetTeam(ctx context.Context, id string) (*Team, error)
+	// ListTeams returns every team, oldest first.
 	ListTeams(ctx context.Context) ([]*Team, error)
 
+	// CreateAPIKey stores a key of an existing team; ErrConflict if its ID or
+	// Hash is taken.
 	CreateAPIKey(ctx context.Context, k *APIKey) error
 	// APIKeyByHash finds a key by the hex SHA-256 of its text.
 	APIKeyByHash(ctx context.Context, hash string) (*APIKey, error)
+	// ListAPIKeys returns a team's keys, oldest first.
 	ListAPIKeys(ctx context.Context, teamID string) ([]*APIKey, error)
+	// DeleteAPIKey deletes a team's key; ErrNotFound if the team has no such key.
 	DeleteAPIKey(ctx context.Context, teamID, id string) error
+	// TouchAPIKey sets a key's LastUsedAt.
 	TouchAPIKey(ctx context.Context, id string, usedAt time.Time) error
 
+	// CreateTemplate stores a template of an existing team; ErrConflict if
+	// its ID is taken.
 	CreateTemplate(ctx context.Context, t *Template) error
 	GetTemplate(ctx context.Context, id string) (*Template, error)
-	// ListTemplates returns a team's templates and, with public, every public one.
+	// ListTemplates returns a team's templates and, with public, every public
+	// one, oldest first.
 	ListTemplates(ctx context.Context, teamID string, public bool) ([]*Template, error)
+	// UpdateTemplate writes t's Public and UpdatedAt; the spawn fields belong
+	// to RecordSpawn, so a concurrent spawn is never lost.
 	UpdateTemplate(ctx context.Context, t *Template) error
-	DeleteTemplate(ctx context.Context, id string) error // with its aliases, builds and tags
+	// DeleteTemplate deletes a template with its aliases, builds and tags.
+	// Sandboxes started from it keep running and keep their row.
+	DeleteTemplate(ctx context.Context, id string) error
+	// RecordSpawn counts one sandbox started from a template at a time.
 	RecordSpawn(ctx context.Context, templateID string, at time.Time) error
 
 	// SetAlias points namespace/alias at a template; ErrConflict when another
-	// template holds it.
+	// template holds it (setting it again for the same template is no error).
 	SetAlias(ctx context.Context, a *Alias) error
 	GetAlias(ctx context.Context, namespace, alias string) (*Alias, error)
+	// ListAliases returns a template's aliases by namespace, then alias.
 	ListAliases(ctx context.Context, templateID string) ([]*Alias, error)
 	DeleteAlias(ctx context.Context, namespace, alias string) error
 
+	// CreateBuild stores a build of an existing template; ErrConflict if its
+	// ID is taken.
 	CreateBuild(ctx context.Context, b *Build) error
 	GetBuild(ctx context.Context, id string) (*Build, error)
+	// UpdateBuild writes every field of b but ID, TemplateID and CreatedAt.
 	UpdateBuild(ctx context.Context, b *Build) error
 	// ListBuilds returns a template's builds, newest first.
 	ListBuilds(ctx context.Context, templateID string) ([]*Build, error)
 
-	// SetTag points templateID:tag at a build (replacing any earlier target).
+	// SetTag points templateID:tag at a build of that template (replacing
+	// any earlier target and its CreatedAt).
 	SetTag(ctx context.Context, t *Tag) error
 	GetTag(ctx context.Context, templateID, tag string) (*Tag, error)
+	// ListTags returns a template's tags by name.
 	ListTags(ctx context.Context, templateID string) ([]*Tag, error)
 	DeleteTag(ctx context.Context, templateID, tag string) error
 
-	// InsertSandbox records a new sandbox; ErrConflict if the ID is taken.
+	// InsertSandbox records a new sandbox of an existing team; ErrConflict if
+	// the ID is taken. The template is not checked: a sandbox outlives it.
 	InsertSandbox(ctx context.Context, s *Sandbox) error
 	GetSandbox(ctx context.Context, id string) (*Sandbox, error)
+	// ListSandboxes returns the sandboxes f selects, in f's order.
 	ListSandboxes(ctx context.Context, f SandboxFilter) ([]*Sandbox, error)
+	// CountSandboxes counts the sandboxes f selects, ignoring paging.
 	CountSandboxes(ctx context.Context, f SandboxFilter) (int, error)
 	// UpdateSandbox runs fn on the current row under a row lock and writes
-	// back what fn leaves in it. An error from fn aborts without writing and
-	// is returned as is.
+	// back what fn leaves in it (every field but ID), returning the written
+	// row. An error from fn aborts without writing and is returned as is.
+	// fn must not call the store: it runs inside the locking transaction
+	// (which, on SQLite, holds the only write connection).
 	UpdateSandbox(ctx context.Context, id string, fn func(*Sandbox) error) (*Sandbox, error)
 	DeleteSandbox(ctx context.Context, id string) error
 
+	// Close releases the database; the store is unusable afterwards.
 	Close() error
 }
