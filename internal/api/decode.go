@@ -41,7 +41,7 @@ func decodeBody(r *http.Request, v any) error {
 	case errors.As(err, &typ) && typ.Field == "":
 		return badRequest("Request body must be a JSON object, not %s", typ.Value)
 	case errors.As(err, &typ):
-		return badRequest("Field %q must be %s, not %s", typ.Field, jsonTypeName(typ.Type.String()), typ.Value)
+		return badRequest("Field %q: want %s, got %s", typ.Field, jsonTypeName(typ.Type.String()), typ.Value)
 	default:
 		return badRequest("Request body is not valid: %v", err)
 	}
@@ -49,17 +49,18 @@ func decodeBody(r *http.Request, v any) error {
 
 // jsonTypeName says a Go type the way a JSON client thinks of it.
 func jsonTypeName(goType string) string {
+	goType = strings.TrimPrefix(goType, "*")
 	switch {
-	case strings.HasPrefix(goType, "int"), strings.HasPrefix(goType, "*int"):
-		return "an integer (32-bit)"
-	case strings.HasSuffix(goType, "bool"):
-		return "a boolean"
-	case strings.HasSuffix(goType, "string"):
-		return "a string"
-	case strings.HasPrefix(goType, "map["), strings.HasPrefix(goType, "*struct"), strings.HasPrefix(goType, "struct"):
+	case strings.HasPrefix(goType, "map["), strings.HasPrefix(goType, "struct"):
 		return "an object"
 	case strings.HasPrefix(goType, "[]"):
 		return "an array"
+	case strings.HasPrefix(goType, "int"):
+		return "an integer (32-bit)"
+	case goType == "bool":
+		return "a boolean"
+	case goType == "string":
+		return "a string"
 	}
 	return goType
 }
