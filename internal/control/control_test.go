@@ -351,3 +351,45 @@ func TestResolveTemplate(t *testing.T) {
 		})
 	}
 }
+
+// flakyStore fails the first UpdateSandbox calls, as a busy or briefly
+// unreachable database would.
+type flakyStore struct {
+	store.Store
+	mu       sync.Mutex
+	failures int
+}
+
+func (s *flakyStore) UpdateSandbox(ctx context.Context, id string, fn func(*store.Sandbox) error) (*store.Sandbox, error) {
+	s.mu.Lock()
+	fail := s.failures > 0
+	if fail {
+		s.failures--
+	}
+	s.mu.Unlock()
+	if fail {
+		return nil, errors.New("database is locked")
+	}
+	return s.Store.UpdateSandbox(ctx, id, fn)
+}
+
+func TestEvictorSurvivesStoreErrors(t *testing.T) {
+	f := newFixture(t)
+	f.config.EvictInterval = 10 * time.Millisecond
+	f.config.Store = &flakyStore{Store: f.store, failures: 2}
+	f.sandbox(t, "expired1", "node-1", store.StateRunning, time.Now().Add(-time.Second))
+	f.node.run("expired1")
+
+	c := control.New(f.config)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- c.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	deadline := time.Now().Add(2 * time.Second)
+	for f.exists("expired1") {
+		if time.Now().After(deadline) {
+			t.Fatal("expired sandbox not evicted after the store recovered")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}

@@ -87,9 +87,9 @@ func (c *Controller) evict(ctx context.Context) {
 		c.log.Error("list expired sandboxes", "err", err)
 		return
 	}
-	for _, sb := range expired {
+	for _, candidate := range expired {
 		// Recheck under the row lock: a concurrent setTimeout may have moved it.
-		sb, err := c.store.UpdateSandbox(ctx, sb.ID, func(s *store.Sandbox) error {
+		sb, err := c.store.UpdateSandbox(ctx, candidate.ID, func(s *store.Sandbox) error {
 			if s.State != store.StateRunning || s.EndAt.After(time.Now()) {
 				return errSkip
 			}
@@ -100,7 +100,7 @@ func (c *Controller) evict(ctx context.Context) {
 			continue
 		}
 		if err != nil {
-			c.log.Error("mark expired sandbox", "sandbox", sb.ID, "err", err)
+			c.log.Error("mark expired sandbox", "sandbox", candidate.ID, "err", err)
 			continue
 		}
 		c.log.Info("sandbox reached its end time", "sandbox", sb.ID)
