@@ -8,6 +8,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -17,11 +18,6 @@ import (
 
 // Binary is the QEMU system emulator warren runs (Debian's qemu-system-x86).
 const Binary = "qemu-system-x86_64"
-
-// GuestMAC is every guest's MAC address. It never varies: a snapshot's guest
-// keeps its neighbour cache, and clones given a new MAC answered only after
-// ~44 s (notes/MEASURED.md). 02: locally administered; then "warrn".
-const GuestMAC = "02:77:61:72:72:6e"
 
 // Accel is how QEMU runs guest code.
 type Accel string
@@ -112,53 +108,100 @@ type Machine struct {
 	// format ("raw", or "qcow2" for an overlay).
 	RootDisk, RootFormat string
 
-	// Tap is the tap device in QEMU's network namespace that carries eth0.
+	// Tap is the tap device in QEMU's network namespace that carries eth0;
+	// MAC is the guest's (netns.Slot.GuestMAC).
 	Tap string
-	// Network is the guest's eth0 address and gateway; Hostname its hostname.
-	Network  guestinit.Network
-	Hostname string
+	MAC net.HardwareAddr
+	// Network is the guest's eth0 address and gateway; Hostname its hostname;
+	// InitSecret envd's --init-secret. They reach init as kernel arguments.
+	Network    guestinit.Network
+	Hostname   string
+	InitSecret string
+	// Append, when set, is the whole kernel command line instead of one built
+	// from the fields above: a restore repeats its snapshot's.
+	Append string
+
+	// MemoryFile, when set, holds the guest's RAM (memory-backend-file).
+	// MemoryShared writes the guest's RAM to the file (share=on), which lets a
+	// snapshot skip copying it; otherwise the file is a snapshot's memory,
+	// mapped copy-on-write (share=off) and never written.
+	MemoryFile   string
+	MemoryShared bool
+	// Incoming starts the VM paused, waiting for a migration stream
+	// (migrate-incoming over QMP): a restore.
+	Incoming bool
 
 	QMPSocket string // unix socket QEMU listens on for QMP
 	SerialLog string // file that receives the guest console
 }
+
+// machineOptions is microvm's -M value. qboot (Debian's microvm firmware) and
+// ACPI stay on: the cloud kernel finds the virtio-mmio slots only through the
+// ACPI DSDT. The RTC stays too (rtc=off cost 2 s); pit/pic off and no option
+// ROMs save boot time.
+const machineOptions = "microvm,x-option-roms=off,isa-serial=on,pit=off,pic=off"
+
+// cpuModel is the guest CPU per accelerator.
+func cpuModel(a Accel) string { return map[Accel]string{KVM: "host", TCG: "qemu64"}[a] }
 
 // Args returns QEMU's command line (without the binary).
 func (m Machine) Args() ([]string, error) {
 	if err := m.validate(); err != nil {
 		return nil, err
 	}
-	cpus, mem := max(m.CPUs, 1), m.MemoryMiB
-	if mem == 0 {
-		mem = 256
+	cpus, mem := max(m.CPUs, 1), m.memoryMiB()
+	machine := machineOptions
+	var memory []string
+	if m.MemoryFile != "" {
+		// x-ignore-shared skips a shared RAM block in the migration stream:
+		// the file already is the memory.
+		share := map[bool]string{true: "on", false: "off"}[m.MemoryShared]
+		memory = []string{"-object", fmt.Sprintf("memory-backend-file,id=ram,size=%dM,mem-path=%s,share=%s", mem, escape(m.MemoryFile), share)}
+		machine += ",memory-backend=ram"
 	}
-	// qboot (Debian's microvm firmware) and ACPI stay on: the cloud kernel finds
-	// the virtio-mmio slots only through the ACPI DSDT. The RTC stays too
-	// (rtc=off cost 2 s); pit/pic off and no option ROMs save boot time.
 	args := []string{
-		"-M", "microvm,x-option-roms=off,isa-serial=on,pit=off,pic=off",
+		"-M", machine,
 		"-accel", string(m.Accel),
-		"-cpu", map[Accel]string{KVM: "host", TCG: "qemu64"}[m.Accel],
+		"-cpu", cpuModel(m.Accel),
 		"-smp", strconv.Itoa(cpus),
 		"-m", strconv.Itoa(mem),
+	}
+	args = append(args, memory...)
+	args = append(args,
 		"-nodefaults", "-no-user-config", "-display", "none",
 		// A guest reset (or panic=-1) ends QEMU instead of rebooting.
 		"-no-reboot",
-		"-serial", "file:" + m.SerialLog,
+		"-serial", "file:"+m.SerialLog,
 		"-kernel", m.Kernel,
 		"-initrd", m.Initramfs,
 		"-append", m.cmdline(),
-		"-drive", "id=root,if=none,format=" + m.RootFormat + ",file=" + escape(m.RootDisk),
+		"-drive", "id=root,if=none,format="+m.RootFormat+",file="+escape(m.RootDisk),
 		"-device", "virtio-blk-device,drive=root",
-		"-netdev", "tap,id=net0,ifname=" + escape(m.Tap) + ",script=no,downscript=no",
-		"-device", "virtio-net-device,netdev=net0,mac=" + GuestMAC,
-		"-qmp", "unix:" + escape(m.QMPSocket) + ",server=on,wait=off",
+		"-netdev", "tap,id=net0,ifname="+escape(m.Tap)+",script=no,downscript=no",
+		"-device", "virtio-net-device,netdev=net0,mac="+m.MAC.String(),
+		"-qmp", "unix:"+escape(m.QMPSocket)+",server=on,wait=off",
+	)
+	if m.Incoming {
+		// -S keeps the restored VM paused until the runtime says cont.
+		args = append(args, "-incoming", "defer", "-S")
 	}
 	return args, nil
 }
 
+func (m Machine) memoryMiB() int {
+	if m.MemoryMiB == 0 {
+		return 256
+	}
+	return m.MemoryMiB
+}
+
 // cmdline is the guest kernel's command line. Unknown key=value arguments
-// reach envd's init as environment variables (guestinit.Env*).
+// reach envd's init as environment variables (guestinit.Env*, and envd's own
+// WARREN_ENVD_* settings).
 func (m Machine) cmdline() string {
+	if m.Append != "" {
+		return m.Append
+	}
 	args := []string{
 		"console=ttyS0", "quiet", "8250.nr_uarts=1",
 		// A kernel panic resets at once, which ends QEMU (-no-reboot).
@@ -175,6 +218,11 @@ func (m Machine) cmdline() string {
 	if m.Hostname != "" {
 		args = append(args, guestinit.EnvHostname+"="+m.Hostname)
 	}
+	if m.InitSecret != "" {
+		// envd reads it from its environment (cmd/envd); processes it starts
+		// get their environment from envd, not this one.
+		args = append(args, "WARREN_ENVD_INIT_SECRET="+m.InitSecret)
+	}
 	return strings.Join(args, " ")
 }
 
@@ -183,7 +231,7 @@ func (m Machine) validate() error {
 	switch m.Accel {
 	case KVM:
 	case TCG:
-		if m.TSCkHz <= 0 {
+		if m.TSCkHz <= 0 && m.Append == "" {
 			errs = append(errs, errors.New("TSCkHz is required under TCG (see HostTSCkHz)"))
 		}
 	default:
@@ -200,14 +248,24 @@ func (m Machine) validate() error {
 			errs = append(errs, fmt.Errorf("%s is required", name))
 		}
 	}
-	if !m.Network.Addr.IsValid() || !m.Network.Addr.Addr().Is4() {
-		errs = append(errs, fmt.Errorf("network address %v is not an IPv4 prefix", m.Network.Addr))
+	if len(m.MAC) != 6 {
+		errs = append(errs, fmt.Errorf("MAC %q is not an Ethernet address", m.MAC))
 	}
-	if m.Network.Gateway.IsValid() && !m.Network.Addr.Masked().Contains(m.Network.Gateway) {
-		errs = append(errs, fmt.Errorf("gateway %s is outside %s", m.Network.Gateway, m.Network.Addr.Masked()))
+	if m.Incoming && (m.MemoryFile == "" || m.MemoryShared) {
+		errs = append(errs, errors.New("a restore (Incoming) maps a snapshot's memory file copy-on-write: set MemoryFile, not MemoryShared"))
 	}
-	if strings.ContainsAny(m.Hostname, " \t\n") {
-		errs = append(errs, fmt.Errorf("hostname %q contains white space", m.Hostname))
+	if m.Append == "" {
+		if !m.Network.Addr.IsValid() || !m.Network.Addr.Addr().Is4() {
+			errs = append(errs, fmt.Errorf("network address %v is not an IPv4 prefix", m.Network.Addr))
+		}
+		if m.Network.Gateway.IsValid() && !m.Network.Addr.Masked().Contains(m.Network.Gateway) {
+			errs = append(errs, fmt.Errorf("gateway %s is outside %s", m.Network.Gateway, m.Network.Addr.Masked()))
+		}
+		for name, v := range map[string]string{"hostname": m.Hostname, "init secret": m.InitSecret} {
+			if strings.ContainsAny(v, " \t\n\"") {
+				errs = append(errs, fmt.Errorf("%s %q contains white space or quotes (it is a kernel argument)", name, v))
+			}
+		}
 	}
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("invalid machine: %w", err)

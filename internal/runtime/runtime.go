@@ -1,0 +1,110 @@
+// Package runtime is the boundary between a node and the virtual machines that
+// hold its sandboxes. A Runtime starts one VM per sandbox inside the sandbox's
+// network slot (internal/netns), snapshots it, and stops it; drivers live in
+// subpackages (microvm: QEMU; gvisor later).
+//
+// # Lifecycle
+//
+// A VM is born from a Spec, either by a cold boot (kernel, initramfs, root
+// disk) or by restoring a Snapshot, which is how sandboxes are normally
+// created: the template's snapshot was taken once its envd was ready, and any
+// number of VMs restore from it concurrently.
+//
+//	vm, err := rt.Start(ctx, spec)   // cold boot, or restore spec.Snapshot
+//	// The VM runs. The runtime knows nothing of envd: the node waits for
+//	// envd's /health at the slot address, then calls /init (clock, entropy,
+//	// env vars, token) — a restored guest's clock and RNG are the snapshot's.
+//	err = rt.Snapshot(ctx, vm, dir)  // optional, once: the VM stops for good;
+//	                                 // dir now serves Starts with Spec.Snapshot = dir
+//	err = rt.Kill(ctx, vm)           // always last: stops the VM, frees its state
+//
+// Every VM owns a state directory (its disk overlay, logs, control socket and a
+// record of its Spec) that outlives the node process: a VM keeps running when
+// the node crashes. After a restart the node calls List and, for each ID,
+// Adopt, which rebuilds the handle from the state directory; the node then
+// keeps the VM or Kills it. A VM whose process died meanwhile is adopted with
+// Done already closed, and Kill removes what it left.
+package runtime
+
+import (
+	"context"
+	"time"
+
+	"github.com/warren-sh/warren/internal/netns"
+)
+
+// Runtime starts, snapshots and stops the VMs of one host. It is safe for
+// concurrent use; operations on one VM are serialized by the runtime.
+type Runtime interface {
+	// Start cold boots spec, or restores spec.Snapshot, and returns once the
+	// VM runs (not once its envd answers).
+	Start(ctx context.Context, spec Spec) (VM, error)
+	// Snapshot saves a running VM into dir (which must not exist) and leaves
+	// the VM stopped for good: its memory now belongs to the snapshot. Kill it
+	// next.
+	Snapshot(ctx context.Context, vm VM, dir string) error
+	// Kill stops the VM (gracefully for a moment, then by force), waits for
+	// its process to exit and removes its state directory.
+	Kill(ctx context.Context, vm VM) error
+	// Stats samples the VM process's resource use.
+	Stats(ctx context.Context, vm VM) (*Stats, error)
+	// List returns the IDs of the VMs that have state on this host, running or
+	// not: what Adopt takes after a node restart.
+	List(ctx context.Context) ([]string, error)
+	// Adopt rebuilds the handle of a VM started by an earlier node process.
+	Adopt(ctx context.Context, id string) (VM, error)
+}
+
+// Spec is one VM to start.
+type Spec struct {
+	// ID names the VM (the sandbox ID) and its state directory; letters,
+	// digits, '-', '_' and '.', unique on the host.
+	ID string
+	// CPUs and MemoryMiB size the VM. A restore takes the snapshot's; when set
+	// they must equal it.
+	CPUs, MemoryMiB int
+	// Kernel and Initramfs boot the guest (internal/guest). A restore takes
+	// the snapshot's; when set they must name the snapshot's files.
+	Kernel, Initramfs string
+	// RootDisk is the template's root image (ext4), the guest's /dev/vda. It
+	// is never written: each VM writes to its own copy-on-write overlay. A
+	// restore takes the snapshot's disk; when set it must be the snapshot's.
+	RootDisk string
+	// Snapshot is a directory written by Runtime.Snapshot to restore instead
+	// of booting; empty for a cold boot.
+	Snapshot string
+	// Slot is the sandbox's network: the VM runs inside its namespace, on its
+	// tap, with its guest address and MAC (the same in every slot, so a
+	// snapshot restores in any slot).
+	Slot *netns.Slot
+	// Hostname is the guest's hostname at a cold boot (a restore keeps the
+	// snapshot's); empty: the guest's default.
+	Hostname string
+	// InitSecret is envd's init secret (envd.InitSecretHeader) at a cold boot;
+	// a restore keeps the snapshot's.
+	InitSecret string
+}
+
+// VM is a handle on a running (or, after Adopt, possibly dead) VM.
+type VM interface {
+	// ID is Spec.ID.
+	ID() string
+	// Netns names the network namespace the VM runs in (netns.Slot.Name).
+	Netns() string
+	// Pid is the VM's process on the host.
+	Pid() int
+	// StartedAt is when the VM's process started.
+	StartedAt() time.Time
+	// Done is closed once the VM's process has exited.
+	Done() <-chan struct{}
+}
+
+// Stats is a VM process's resource use.
+type Stats struct {
+	// RSS and PSS are the process's resident and proportional set sizes in
+	// bytes: PSS splits pages shared with other VMs (a snapshot's memory
+	// file, QEMU's code) among them, so PSS sums to the host's real use.
+	RSS, PSS uint64
+	// CPUTime is the user plus system CPU time the process has used.
+	CPUTime time.Duration
+}
