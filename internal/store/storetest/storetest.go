@@ -487,15 +487,15 @@ func testSandboxMaps(t *testing.T, s store.Store) {
 		{"nil comes back empty", nil, map[string]string{}},
 		{"empty", map[string]string{}, map[string]string{}},
 		{"special characters", map[string]string{
-			"a=b&c":        "x=1&y=2",
-			`say "hi"`:     `it's "quoted"`,
+			"a=b&c":       "x=1&y=2",
+			`say "hi"`:    `it's "quoted"`,
 			"ünïcødé ✓ 🚀": "日本語",
-			`back\slash`:   `C:\path`,
-			"dots.and[0]":  "$.not.a.path",
-			"html <&>":     "<b>&amp;</b>",
-			"line\nbreak":  "tab\there",
-			"":             "empty key",
-			"empty value":  "",
+			`back\slash`:  `C:\path`,
+			"dots.and[0]": "$.not.a.path",
+			"html <&>":    "<b>&amp;</b>",
+			"line\nbreak": "tab\there",
+			"":            "empty key",
+			"empty value": "",
 		}, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
