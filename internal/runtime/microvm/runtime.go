@@ -116,6 +116,9 @@ func New(cfg Config) (*Runtime, error) {
 // Accel is the acceleration the runtime's VMs use.
 func (r *Runtime) Accel() Accel { return r.accel }
 
+// Version is QEMU's version: a snapshot restores only on the QEMU that saved it.
+func (r *Runtime) Version() string { return r.qemu }
+
 // VM is one QEMU process. It implements runtime.VM.
 type VM struct {
 	rec record
