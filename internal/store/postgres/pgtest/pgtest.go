@@ -8,6 +8,7 @@
 package pgtest
 
 import (
+	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -215,12 +216,24 @@ func (s *Server) reclaim(ctx context.Context) {
 			continue // not ours, or still being set up
 		}
 		pid, err := strconv.Atoi(string(b))
-		if err != nil || syscall.Kill(pid, 0) != syscall.ESRCH {
+		if err != nil || alive(pid) {
 			continue
 		}
 		s.run(ctx, s.pgCtl, "stop", "-D", filepath.Join(dir, "data"), "-m", "immediate", "-w")
 		os.RemoveAll(dir)
 	}
+}
+
+// alive reports whether process pid exists and is not a zombie (a killed
+// test binary can linger as one until its new parent reaps it).
+func alive(pid int) bool {
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// The state follows the command name, which is in parentheses.
+	i := bytes.LastIndexByte(stat, ')')
+	return i < 0 || i+2 >= len(stat) || stat[i+2] != 'Z'
 }
 
 // run runs a Postgres program as the server's account, in its directory.
