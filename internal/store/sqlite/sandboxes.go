@@ -36,11 +36,11 @@ func scanSandbox(r scanner) (*store.Sandbox, error) {
 
 // sandboxArgs is every column of s but id, in sandboxColumns' order.
 func sandboxArgs(s *store.Sandbox) ([]any, error) {
-	metadata, err := mapArg(s.Metadata)
+	metadata, err := column.EncodeMap(s.Metadata)
 	if err != nil {
 		return nil, fmt.Errorf("metadata: %w", err)
 	}
-	envVars, err := mapArg(s.EnvVars)
+	envVars, err := column.EncodeMap(s.EnvVars)
 	if err != nil {
 		return nil, fmt.Errorf("env vars: %w", err)
 	}

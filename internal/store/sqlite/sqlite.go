@@ -168,9 +168,6 @@ func timePtrArg(t *time.Time) any {
 	return timeArg(*t)
 }
 
-// mapArg is m as stored.
-func mapArg(m map[string]string) (string, error) { return column.EncodeMap(m) }
-
 // timeCol scans a stored time.
 type timeCol struct{ dst *time.Time }
 

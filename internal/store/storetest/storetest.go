@@ -57,7 +57,7 @@ func Run(t *testing.T, open Open) {
 // every comparison also checks rounding and the zone.
 var t0 = time.Date(2026, 3, 14, 15, 9, 26, 535897932, time.FixedZone("UTC+2", 2*3600))
 
-// us is t0 as stored.
+// us is t as a store keeps it.
 func us(t time.Time) time.Time { return t.UTC().Truncate(time.Microsecond) }
 
 func ptr[T any](v T) *T { return &v }
