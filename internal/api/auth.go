@@ -3,13 +3,13 @@ package api
 import (
 	"context"
 	"crypto/rand"
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/http"
 	"time"
 
+	"github.com/warren-sh/warren/internal/apikey"
 	"github.com/warren-sh/warren/internal/store"
 )
 
@@ -34,7 +34,7 @@ func (s *server) authenticate(r *http.Request) (*store.Team, error) {
 		return nil, unauthorized("Invalid API key: send it in the X-API-Key header")
 	}
 	ctx := r.Context()
-	key, err := s.store.APIKeyByHash(ctx, hashKey(raw))
+	key, err := s.store.APIKeyByHash(ctx, apikey.Hash(raw))
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, unauthorized("Invalid API key")
 	}
@@ -77,31 +77,6 @@ func (s *server) forgetTouch(id string) {
 	s.touchMu.Lock()
 	defer s.touchMu.Unlock()
 	delete(s.touched, id)
-}
-
-// hashKey is how a key is stored: the hex SHA-256 of its whole text.
-func hashKey(raw string) string {
-	sum := sha256.Sum256([]byte(raw))
-	return hex.EncodeToString(sum[:])
-}
-
-// keyPrefix starts every API key; SDKs ≤ 2.45 reject keys of another shape.
-const keyPrefix = "e2b_"
-
-// newAPIKey returns a fresh key: "e2b_" + 40 lowercase hex (20 random bytes).
-func newAPIKey() (string, error) {
-	b := make([]byte, 20)
-	if _, err := rand.Read(b); err != nil {
-		return "", fmt.Errorf("generate API key: %w", err)
-	}
-	return keyPrefix + hex.EncodeToString(b), nil
-}
-
-// maskKey is the part of a key that may be shown again: the prefix, the
-// first and the last four characters of its value.
-func maskKey(raw string) string {
-	value := raw[len(keyPrefix):]
-	return keyPrefix + value[:4] + "..." + value[len(value)-4:]
 }
 
 // newUUID returns a random (version 4) UUID.

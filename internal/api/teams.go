@@ -7,6 +7,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/warren-sh/warren/internal/apikey"
 	"github.com/warren-sh/warren/internal/store"
 )
 
@@ -36,8 +37,8 @@ const keyValueLength = 40
 // parseMask splits a stored mask ("e2b_1a2b...9f0e") into its parts.
 func parseMask(mask string) maskDetails {
 	d := maskDetails{ValueLength: keyValueLength}
-	if strings.HasPrefix(mask, keyPrefix) {
-		d.Prefix, mask = keyPrefix, mask[len(keyPrefix):]
+	if strings.HasPrefix(mask, apikey.Prefix) {
+		d.Prefix, mask = apikey.Prefix, mask[len(apikey.Prefix):]
 	}
 	d.MaskedValuePrefix, d.MaskedValueSuffix, _ = strings.Cut(mask, "...")
 	return d
@@ -86,7 +87,7 @@ func (s *server) createAPIKey(w http.ResponseWriter, r *http.Request, team *stor
 	if body.Name == nil || strings.TrimSpace(*body.Name) == "" {
 		return badRequest("Field \"name\" is required")
 	}
-	raw, err := newAPIKey()
+	raw, err := apikey.New()
 	if err != nil {
 		return err
 	}
@@ -95,7 +96,7 @@ func (s *server) createAPIKey(w http.ResponseWriter, r *http.Request, team *stor
 		return err
 	}
 	k := &store.APIKey{
-		ID: id, TeamID: team.ID, Name: strings.TrimSpace(*body.Name), Hash: hashKey(raw), Mask: maskKey(raw),
+		ID: id, TeamID: team.ID, Name: strings.TrimSpace(*body.Name), Hash: apikey.Hash(raw), Mask: apikey.Mask(raw),
 		CreatedAt: time.Now().UTC(),
 	}
 	if err := s.store.CreateAPIKey(r.Context(), k); err != nil {
