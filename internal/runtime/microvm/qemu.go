@@ -109,7 +109,9 @@ type Machine struct {
 	RootDisk, RootFormat string
 
 	// Tap is the tap device in QEMU's network namespace that carries eth0;
-	// MAC is the guest's (netns.Slot.GuestMAC).
+	// MAC is the guest's (netns.Slot.GuestMAC). The MAC must be the same in
+	// every VM: a restored guest keeps the neighbour cache of its snapshot,
+	// and clones given a new MAC answered only after ~44 s (notes/MEASURED.md).
 	Tap string
 	MAC net.HardwareAddr
 	// Network is the guest's eth0 address and gateway; Hostname its hostname;

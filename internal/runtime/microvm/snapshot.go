@@ -185,7 +185,10 @@ func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err 
 		// A failed save leaves the VM as it was, unless its files have been
 		// handed over already.
 		if err != nil && !moved {
-			q.execute(context.WithoutCancel(ctx), "cont", nil, nil)
+			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+			defer cancel()
+			q.execute(bg, "migrate_cancel", nil, nil) // a no-op unless a migration runs
+			q.execute(bg, "cont", nil, nil)
 		}
 	}()
 	if err := migrate(ctx, q, v.done, "migrate", "exec:cat > '"+state+"'"); err != nil {
