@@ -2,6 +2,8 @@ package control
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"time"
@@ -59,4 +61,63 @@ func Bootstrap(ctx context.Context, st store.Store, limits TeamLimits, fixedKey 
 		return nil, "", fmt.Errorf("bootstrap API key: %w", err)
 	}
 	return team, raw, nil
+}
+
+// BaseTemplateID is the ID of the base template; clients name it "base".
+const BaseTemplateID = "w4rrenbasetemplate01"
+
+// BaseBuild describes a build of the base template made on this host.
+type BaseBuild struct {
+	// Key identifies the build's inputs (template.Artifact.BuildID); the same
+	// key maps to the same build ID across restarts.
+	Key         string
+	Artifact    string // the artifact directory
+	CPUCount    int
+	MemoryMB    int
+	DiskSizeMB  int
+	EnvdVersion string
+}
+
+// EnsureBaseTemplate registers the base template (public, global alias
+// "base", owned by the default team) and b as its latest successful build.
+func EnsureBaseTemplate(ctx context.Context, st store.Store, b BaseBuild) error {
+	now := time.Now().UTC()
+	if _, err := st.GetTemplate(ctx, BaseTemplateID); errors.Is(err, store.ErrNotFound) {
+		err = st.CreateTemplate(ctx, &store.Template{
+			ID: BaseTemplateID, TeamID: DefaultTeamID, Public: true, CreatedAt: now, UpdatedAt: now,
+		})
+		if err != nil {
+			return fmt.Errorf("create base template: %w", err)
+		}
+	} else if err != nil {
+		return err
+	}
+	if err := st.SetAlias(ctx, &store.Alias{Namespace: "", Alias: "base", TemplateID: BaseTemplateID}); err != nil {
+		return fmt.Errorf("alias base: %w", err)
+	}
+	id := uuidFrom(b.Key)
+	existing, err := st.GetBuild(ctx, id)
+	switch {
+	case errors.Is(err, store.ErrNotFound):
+		return st.CreateBuild(ctx, &store.Build{
+			ID: id, TemplateID: BaseTemplateID, Status: store.BuildReady,
+			CPUCount: b.CPUCount, MemoryMB: b.MemoryMB, DiskSizeMB: b.DiskSizeMB, EnvdVersion: b.EnvdVersion,
+			Artifact: b.Artifact, CreatedAt: now, UpdatedAt: now, FinishedAt: &now,
+		})
+	case err != nil:
+		return err
+	case existing.Artifact != b.Artifact || existing.Status != store.BuildReady:
+		existing.Artifact, existing.Status, existing.UpdatedAt = b.Artifact, store.BuildReady, now
+		return st.UpdateBuild(ctx, existing)
+	}
+	return nil
+}
+
+// uuidFrom derives a stable UUID-shaped build ID from a build key.
+func uuidFrom(key string) string {
+	sum := sha256.Sum256([]byte("warren-build:" + key))
+	sum[6] = sum[6]&0x0f | 0x50 // version 5 layout (name-based)
+	sum[8] = sum[8]&0x3f | 0x80
+	h := hex.EncodeToString(sum[:16])
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
 }
