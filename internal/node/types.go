@@ -4,6 +4,14 @@
 //
 // The control plane talks to a node through the Node interface: in `warren up`
 // that is the in-process *Manager; with several hosts it is a node RPC client.
+//
+// # Restarts
+//
+// A VM outlives a crashed node process, but its network slot does not survive
+// the next one: the slot pool rebuilds every slot namespace at start. So
+// NewManager kills every VM it finds and removes its state, and a restarted
+// node starts empty; the control plane's reconcile marks the sandboxes it
+// stored for the node lost.
 package node
 
 import (

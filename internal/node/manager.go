@@ -1,0 +1,739 @@
+package node
+
+import (
+	"bufio"
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/warren-sh/warren/internal/envd"
+	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/runtime"
+	"github.com/warren-sh/warren/internal/template"
+)
+
+// Config configures a Manager.
+type Config struct {
+	// ID names the node; the host name when empty.
+	ID string
+	// DataDir is warren's data directory; a relative SandboxSpec.Artifact is
+	// resolved against it.
+	DataDir string
+	// Runtime runs the VMs. The Manager owns every VM in it: NewManager kills
+	// the ones it finds (a crashed node's leftovers).
+	Runtime runtime.Runtime
+	// SlotRange is the network slots' address range; netns.DefaultRange when unset.
+	SlotRange netip.Prefix
+	// MaxSandboxes caps the sandboxes that run (or start) at once. Default:
+	// the host's MemAvailable at start divided by the base template's memory
+	// (template.DefaultBaseMemoryMiB), at least 1, at most the slots SlotRange
+	// holds. A sandbox may use all the memory its VM has, so by default the
+	// node never promises more memory than the host has free.
+	MaxSandboxes int
+	// Log receives what the node does; nil discards it.
+	Log *slog.Logger
+}
+
+// Manager runs the sandboxes of this host: one microVM each, restored from
+// its template's snapshot inside a network slot. It implements Node and is
+// safe for concurrent use.
+type Manager struct {
+	id      string
+	dataDir string
+	rt      runtime.Runtime
+	slots   *netns.Pool
+	max     int
+	log     *slog.Logger
+	client  *http.Client // the node's calls to envd
+
+	mu        sync.Mutex
+	sandboxes map[string]*sandbox // starting, running and being killed
+	artifacts map[string]*template.Artifact
+	closed    bool
+	watchers  sync.WaitGroup // one per running sandbox: reaps a VM that exits by itself
+}
+
+var _ Node = (*Manager)(nil)
+
+// sandbox is one sandbox the Manager tracks, from the start of Create until
+// Kill has freed everything it held.
+type sandbox struct {
+	info  SandboxInfo
+	token string
+
+	// Set by Create before ready closes; read only after.
+	vm    runtime.VM
+	slot  *netns.Slot
+	boot  []LogLine // the node's own account of the start
+	ready chan struct{}
+
+	cancel context.CancelFunc // stops an unfinished Create
+
+	// Guarded by Manager.mu.
+	killing bool          // one Kill owns the teardown
+	gone    chan struct{} // closed when a Kill ends; then killErr is its result
+	killErr error
+
+	forgotten chan struct{} // closed once the sandbox is freed: stops its watcher
+}
+
+// running reports whether Create finished with a VM. Call after ready closed.
+func (s *sandbox) running() bool { return s.vm != nil }
+
+// envdPort is envd's port in every guest.
+const envdPort = 49983
+
+// defaultUser is the user commands run as unless a spec says otherwise, as under E2B.
+const defaultUser = "user"
+
+// NewManager cleans up what an earlier node process left on this host, then
+// returns a Manager with no sandboxes: it kills every VM the runtime still
+// has (rt.List, Adopt, Kill: QEMU processes and state directories) and opens
+// the slot pool, which removes every slot namespace, veth and nftables table
+// (see the package comment: a restarted node starts empty).
+func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
+	if cfg.Runtime == nil {
+		return nil, errors.New("node: Config.Runtime is required")
+	}
+	log := cfg.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	id := cfg.ID
+	if id == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("node: no Config.ID and no host name: %w", err)
+		}
+		id = h
+	}
+	max := cfg.MaxSandboxes
+	if max < 0 {
+		return nil, fmt.Errorf("node: MaxSandboxes %d is negative", max)
+	}
+	slotRange := cfg.SlotRange
+	if !slotRange.IsValid() {
+		slotRange = netns.DefaultRange
+	}
+	if max == 0 {
+		var err error
+		if max, err = defaultMaxSandboxes(slotRange); err != nil {
+			return nil, fmt.Errorf("node: %w", err)
+		}
+	}
+	if err := reapLeftovers(ctx, cfg.Runtime, log); err != nil {
+		return nil, fmt.Errorf("node: clean up after the last node process: %w", err)
+	}
+	pool, err := netns.NewPool(ctx, netns.Config{Range: cfg.SlotRange})
+	if err != nil {
+		return nil, fmt.Errorf("node: %w", err)
+	}
+	dialer := &net.Dialer{Timeout: 100 * time.Millisecond}
+	m := &Manager{
+		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log,
+		// No kept-alive connections: a slot address is reused by the next
+		// sandbox, which would receive a dead one's idle connection.
+		client:    &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
+		sandboxes: map[string]*sandbox{},
+		artifacts: map[string]*template.Artifact{},
+	}
+	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
+	return m, nil
+}
+
+// defaultMaxSandboxes is MemAvailable / the base template's memory, within
+// [1, slots in r].
+func defaultMaxSandboxes(r netip.Prefix) (int, error) {
+	avail, err := memAvailable()
+	if err != nil {
+		return 0, err
+	}
+	n := int(avail / (template.DefaultBaseMemoryMiB << 20))
+	if slots := 1 << (30 - r.Bits()); r.Bits() <= 30 && n > slots {
+		n = slots
+	}
+	return max(n, 1), nil
+}
+
+// memAvailable reads MemAvailable from /proc/meminfo, in bytes.
+func memAvailable() (uint64, error) {
+	f, err := os.Open("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), "MemAvailable:"); ok {
+			kb, err := strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 10, 64)
+			if err != nil {
+				return 0, fmt.Errorf("/proc/meminfo: MemAvailable %q: %w", rest, err)
+			}
+			return kb << 10, nil
+		}
+	}
+	return 0, errors.New("/proc/meminfo has no MemAvailable line")
+}
+
+// reapLeftovers kills every VM rt knows: a node that just started runs none.
+func reapLeftovers(ctx context.Context, rt runtime.Runtime, log *slog.Logger) error {
+	ids, err := rt.List(ctx)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, id := range ids {
+		vm, err := rt.Adopt(ctx, id)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("adopt leftover VM %s: %w", id, err))
+			continue
+		}
+		if err := rt.Kill(ctx, vm); err != nil {
+			errs = append(errs, fmt.Errorf("kill leftover VM %s: %w", id, err))
+			continue
+		}
+		log.Info("removed a VM left by an earlier node process", "sandbox", id, "pid", vm.Pid())
+	}
+	return errors.Join(errs...)
+}
+
+// ID names the node.
+func (m *Manager) ID() string { return m.id }
+
+// MaxSandboxes is the number of sandboxes the node runs at most.
+func (m *Manager) MaxSandboxes() int { return m.max }
+
+// Slots is the node's network slot pool. Template builds on this host borrow
+// slots from it: there is one pool per host.
+func (m *Manager) Slots() *netns.Pool { return m.slots }
+
+// Create starts the sandbox spec.ID from the template build at spec.Artifact
+// and returns once its envd has accepted /init. It fails with ErrFull when
+// MaxSandboxes sandboxes run (or start) or no network slot is left. On any
+// error, or when Kill or Close stop it midway, nothing of the sandbox is left.
+// The build fixes the VM's size: spec.CPUCount and spec.MemoryMB are the
+// control plane's record of it.
+func (m *Manager) Create(ctx context.Context, spec SandboxSpec) (*SandboxInfo, error) {
+	if spec.ID == "" {
+		return nil, errors.New("node: create: the sandbox has no ID")
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	sb := &sandbox{
+		info:  SandboxInfo{ID: spec.ID, TemplateID: spec.TemplateID},
+		token: spec.AccessToken,
+		ready: make(chan struct{}), gone: make(chan struct{}), forgotten: make(chan struct{}),
+		cancel: cancel,
+	}
+	m.mu.Lock()
+	switch {
+	case m.closed:
+		m.mu.Unlock()
+		return nil, fmt.Errorf("node: create %s: the node is shutting down", spec.ID)
+	case m.sandboxes[spec.ID] != nil:
+		m.mu.Unlock()
+		return nil, fmt.Errorf("node: create %s: a sandbox with this ID already runs here", spec.ID)
+	case len(m.sandboxes) >= m.max:
+		n := len(m.sandboxes)
+		m.mu.Unlock()
+		return nil, fmt.Errorf("%w: %d sandboxes run or start on node %s, its limit (MaxSandboxes) is %d", ErrFull, n, m.id, m.max)
+	}
+	m.sandboxes[spec.ID] = sb
+	m.mu.Unlock()
+
+	err := m.start(ctx, sb, spec)
+	m.mu.Lock()
+	close(sb.ready)
+	killed := sb.killing
+	if err != nil && !killed {
+		delete(m.sandboxes, spec.ID)
+	}
+	if err == nil && !killed {
+		m.watchers.Add(1)
+		go m.watch(sb)
+	}
+	m.mu.Unlock()
+	switch {
+	case killed:
+		// The Kill waiting on ready tears down what start left running.
+		return nil, fmt.Errorf("node: create %s: killed while it started", spec.ID)
+	case err != nil:
+		return nil, fmt.Errorf("node: create %s: %w", spec.ID, err)
+	}
+	info := sb.info
+	return &info, nil
+}
+
+// start takes a slot, restores the VM and initializes its envd. On error it
+// undoes all of it, and sb.vm stays nil.
+func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err error) {
+	began := time.Now()
+	a, err := m.artifact(spec.Artifact)
+	if err != nil {
+		return err
+	}
+	slot, err := m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
+	if errors.Is(err, netns.ErrExhausted) {
+		return fmt.Errorf("%w: %v", ErrFull, err)
+	}
+	if err != nil {
+		return err
+	}
+	var vm runtime.VM
+	defer func() {
+		if err == nil {
+			return
+		}
+		// Undo with a context of our own: the caller's may be what failed.
+		undo, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+		defer cancel()
+		if vm != nil {
+			if kerr := m.rt.Kill(undo, vm); kerr != nil {
+				// The VM may still run in the slot: keep the slot out of the pool.
+				m.log.Error("kill a sandbox VM that failed to start; its slot stays taken", "sandbox", spec.ID, "slot", slot.Name, "err", kerr)
+				err = errors.Join(err, kerr)
+				return
+			}
+		}
+		if rerr := m.slots.Release(slot); rerr != nil {
+			m.log.Error("release the slot of a sandbox that failed to start", "sandbox", spec.ID, "err", rerr)
+		}
+	}()
+	if vm, err = m.rt.Start(ctx, a.Spec(spec.ID, slot)); err != nil {
+		return err
+	}
+	restored := time.Now().UTC()
+	base := "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
+	if err := m.waitHealth(ctx, base, vm); err != nil {
+		return withConsole(err, vm)
+	}
+	healthy := time.Now().UTC()
+	version, err := m.initEnvd(ctx, base, a.InitSecret, spec)
+	if err != nil {
+		return withConsole(err, vm)
+	}
+	sb.vm, sb.slot = vm, slot
+	sb.info.Host = slot.SlotIP.String()
+	sb.info.EnvdVersion = version
+	sb.info.StartedAt = time.Now().UTC()
+	sb.boot = []LogLine{
+		{Time: restored, Source: "boot", Message: fmt.Sprintf("restored template build %s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
+			a.BuildID, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
+		{Time: healthy, Source: "boot", Message: fmt.Sprintf("envd answered /health %s after the restore", healthy.Sub(restored).Round(time.Millisecond))},
+		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s)",
+			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser))},
+	}
+	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "took", time.Since(began).Round(time.Millisecond))
+	return nil
+}
+
+// artifact loads (once) the template build in dir, relative to the data dir.
+func (m *Manager) artifact(dir string) (*template.Artifact, error) {
+	if dir == "" {
+		return nil, errors.New("the sandbox names no template artifact")
+	}
+	if !filepath.IsAbs(dir) {
+		dir = filepath.Join(m.dataDir, dir)
+	}
+	m.mu.Lock()
+	a := m.artifacts[dir]
+	m.mu.Unlock()
+	if a != nil {
+		return a, nil
+	}
+	a, err := template.LoadArtifact(dir)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.artifacts[dir] = a
+	m.mu.Unlock()
+	return a, nil
+}
+
+// waitHealth polls envd's /health until it answers 204, the VM exits or ctx
+// ends. A restore answers within a few hundred milliseconds under TCG, so
+// the poll is tight.
+func (m *Manager) waitHealth(ctx context.Context, base string, vm runtime.VM) error {
+	var last error
+	for {
+		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		req, _ := http.NewRequestWithContext(rctx, http.MethodGet, base+"/health", nil)
+		resp, err := m.client.Do(req)
+		cancel()
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusNoContent {
+				return nil
+			}
+			err = fmt.Errorf("envd /health answered %s, want 204", resp.Status)
+		}
+		last = err
+		select {
+		case <-vm.Done():
+			return errors.New("the VM exited before envd answered")
+		case <-ctx.Done():
+			return fmt.Errorf("envd did not answer /health: %w (last: %v)", ctx.Err(), last)
+		case <-time.After(5 * time.Millisecond):
+		}
+	}
+}
+
+// initRequest is envd's /init body (internal/envd).
+type initRequest struct {
+	EnvVars        map[string]string `json:"envVars,omitempty"`
+	AccessToken    string            `json:"accessToken"`
+	Timestamp      time.Time         `json:"timestamp"`
+	DefaultUser    string            `json:"defaultUser"`
+	DefaultWorkdir *string           `json:"defaultWorkdir,omitempty"`
+	Entropy        []byte            `json:"entropy"`
+}
+
+// initEnvd hands the restored guest its sandbox: token, env vars, default
+// user and workdir, the host's clock (a restored clock lags by the
+// snapshot's age) and fresh entropy (every clone resumes the snapshot's RNG
+// state). It returns envd's version.
+func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec SandboxSpec) (string, error) {
+	body := initRequest{
+		EnvVars: spec.EnvVars, AccessToken: spec.AccessToken,
+		DefaultUser: cmp.Or(spec.DefaultUser, defaultUser),
+		Entropy:     make([]byte, 64),
+	}
+	if spec.DefaultWorkdir != "" {
+		body.DefaultWorkdir = &spec.DefaultWorkdir
+	}
+	rand.Read(body.Entropy)
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	body.Timestamp = time.Now().UTC() // last, so the guest's clock is off by the request's trip only
+	b, err := json.Marshal(body)
+	if err != nil {
+		return "", err
+	}
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/init", bytes.NewReader(b))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set(envd.InitSecretHeader, secret)
+	resp, err := m.client.Do(req)
+	if err != nil {
+		return "", fmt.Errorf("envd /init: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusNoContent {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return "", fmt.Errorf("envd /init answered %s: %s", resp.Status, bytes.TrimSpace(msg))
+	}
+	return resp.Header.Get("X-Envd-Version"), nil
+}
+
+// watch reaps a sandbox whose VM exits by itself (the guest powered off or
+// QEMU died): its slot and state are freed and it leaves List.
+func (m *Manager) watch(sb *sandbox) {
+	defer m.watchers.Done()
+	select {
+	case <-sb.vm.Done():
+	case <-sb.forgotten:
+		return
+	}
+	m.mu.Lock()
+	mine := !sb.killing
+	if mine {
+		sb.killing = true
+	}
+	m.mu.Unlock()
+	if !mine {
+		return
+	}
+	m.log.Warn("sandbox VM exited by itself; freeing its slot", "sandbox", sb.info.ID)
+	m.finishKill(sb, m.teardown(context.Background(), sb))
+}
+
+// Kill stops the sandbox and frees its VM, state and slot. A sandbox still
+// starting is stopped midway (its Create fails). ErrNotFound if the node does
+// not have it. Concurrent Kills of one sandbox share one teardown.
+func (m *Manager) Kill(ctx context.Context, id string) error {
+	m.mu.Lock()
+	sb := m.sandboxes[id]
+	if sb == nil {
+		m.mu.Unlock()
+		return fmt.Errorf("node: kill %s: %w", id, ErrNotFound)
+	}
+	if sb.killing {
+		gone := sb.gone
+		m.mu.Unlock()
+		select {
+		case <-gone:
+		case <-ctx.Done():
+			return fmt.Errorf("node: kill %s: %w", id, ctx.Err())
+		}
+		m.mu.Lock()
+		err := sb.killErr
+		m.mu.Unlock()
+		return err
+	}
+	sb.killing = true
+	m.mu.Unlock()
+
+	sb.cancel() // a Create in progress gives up and undoes its work
+	<-sb.ready
+	var err error
+	if sb.running() {
+		err = m.teardown(ctx, sb)
+	}
+	m.finishKill(sb, err)
+	return err
+}
+
+// teardown kills the VM and releases the slot.
+func (m *Manager) teardown(ctx context.Context, sb *sandbox) error {
+	// A caller's short deadline must not leave a half-killed VM: killing takes
+	// at most a second or two.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
+	defer cancel()
+	if err := m.rt.Kill(ctx, sb.vm); err != nil {
+		return fmt.Errorf("node: kill %s: %w", sb.info.ID, err)
+	}
+	if err := m.slots.Release(sb.slot); err != nil {
+		// The slot pool destroyed the slot instead; the sandbox is gone either way.
+		m.log.Error("release slot", "sandbox", sb.info.ID, "slot", sb.slot.Name, "err", err)
+	}
+	m.log.Info("sandbox killed", "sandbox", sb.info.ID)
+	return nil
+}
+
+// finishKill ends a teardown: on success the sandbox is forgotten; on failure
+// it stays (its VM may run) so that a later Kill or Close tries again.
+func (m *Manager) finishKill(sb *sandbox, err error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	sb.killErr = err
+	close(sb.gone)
+	if err == nil {
+		delete(m.sandboxes, sb.info.ID)
+		close(sb.forgotten)
+		return
+	}
+	sb.killing = false
+	sb.gone = make(chan struct{})
+}
+
+// List returns the sandboxes that run on the node, oldest first; sandboxes
+// still starting or being killed are not listed.
+func (m *Manager) List(ctx context.Context) ([]*SandboxInfo, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := []*SandboxInfo{}
+	for _, sb := range m.sandboxes {
+		if sb.killing || !isClosed(sb.ready) || !sb.running() {
+			continue
+		}
+		info := sb.info
+		out = append(out, &info)
+	}
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].StartedAt.Equal(out[j].StartedAt) {
+			return out[i].StartedAt.Before(out[j].StartedAt)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out, nil
+}
+
+// running returns the running sandbox id, or ErrNotFound.
+func (m *Manager) running(id string) (*sandbox, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	sb := m.sandboxes[id]
+	if sb == nil || sb.killing || !isClosed(sb.ready) || !sb.running() {
+		return nil, ErrNotFound
+	}
+	return sb, nil
+}
+
+// metrics is envd's GET /metrics body (E2B's names; bytes and percent).
+type metrics struct {
+	Timestamp  int64   `json:"ts"`
+	CPUCount   int     `json:"cpu_count"`
+	CPUUsedPct float64 `json:"cpu_used_pct"`
+	MemTotal   uint64  `json:"mem_total"`
+	MemUsed    uint64  `json:"mem_used"`
+	MemCache   uint64  `json:"mem_cache"`
+	DiskUsed   uint64  `json:"disk_used"`
+	DiskTotal  uint64  `json:"disk_total"`
+}
+
+// Stats asks the sandbox's envd for its resource use (GET /metrics), as the
+// guest sees it.
+func (m *Manager) Stats(ctx context.Context, id string) (*Stats, error) {
+	sb, err := m.running(id)
+	if err != nil {
+		return nil, fmt.Errorf("node: stats of %s: %w", id, err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	url := "http://" + net.JoinHostPort(sb.info.Host, strconv.Itoa(envdPort)) + "/metrics"
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	req.Header.Set("X-Access-Token", sb.token)
+	resp, err := m.client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("node: stats of %s: %w", id, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+		return nil, fmt.Errorf("node: stats of %s: envd /metrics answered %s: %s", id, resp.Status, bytes.TrimSpace(msg))
+	}
+	var mt metrics
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&mt); err != nil {
+		return nil, fmt.Errorf("node: stats of %s: decode envd /metrics: %w", id, err)
+	}
+	return &Stats{
+		Timestamp: time.Unix(mt.Timestamp, 0).UTC(), CPUCount: mt.CPUCount, CPUUsedPct: mt.CPUUsedPct,
+		MemUsed: mt.MemUsed, MemTotal: mt.MemTotal, MemCache: mt.MemCache,
+		DiskUsed: mt.DiskUsed, DiskTotal: mt.DiskTotal,
+	}, nil
+}
+
+// consoleLogger is a VM whose guest console is kept in a file (microvm.VM).
+type consoleLogger interface {
+	ConsoleLog() string
+}
+
+// maxConsole bounds how much of a console log Logs reads: its end.
+const maxConsole = 1 << 20
+
+// Logs returns the node's account of the sandbox's start ("boot"), then its
+// guest console since the restore: envd's log lines ("envd") and the
+// kernel's and init's ("boot"). Console lines without a time of their own
+// carry the sandbox's start time.
+func (m *Manager) Logs(ctx context.Context, id string) ([]LogLine, error) {
+	sb, err := m.running(id)
+	if err != nil {
+		return nil, fmt.Errorf("node: logs of %s: %w", id, err)
+	}
+	lines := append([]LogLine(nil), sb.boot...)
+	cl, ok := sb.vm.(consoleLogger)
+	if !ok {
+		return lines, nil
+	}
+	b, err := readTail(cl.ConsoleLog(), maxConsole)
+	if err != nil {
+		return nil, fmt.Errorf("node: logs of %s: %w", id, err)
+	}
+	return append(lines, parseConsole(b, sb.info.StartedAt)...), nil
+}
+
+// readTail reads at most the last n bytes of path.
+func readTail(path string, n int64) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if off := fi.Size() - n; off > 0 {
+		if _, err := f.Seek(off, io.SeekStart); err != nil {
+			return nil, err
+		}
+	}
+	return io.ReadAll(io.LimitReader(f, n))
+}
+
+// parseConsole splits a guest console into log lines. envd logs with slog's
+// text handler ("time=... level=... msg=..."); everything else is the
+// kernel's or init's.
+func parseConsole(b []byte, started time.Time) []LogLine {
+	var out []LogLine
+	for _, raw := range strings.Split(string(b), "\n") {
+		line := strings.TrimRight(raw, "\r")
+		if strings.TrimSpace(line) == "" {
+			continue
+		}
+		l := LogLine{Time: started, Source: "boot", Message: line}
+		if rest, ok := strings.CutPrefix(line, "time="); ok {
+			l.Source = "envd"
+			stamp, _, _ := strings.Cut(rest, " ")
+			if t, err := time.Parse(time.RFC3339Nano, stamp); err == nil {
+				l.Time = t.UTC()
+			}
+		}
+		out = append(out, l)
+	}
+	return out
+}
+
+// Close kills every sandbox (stopping those still starting) and removes the
+// network slots. The node is unusable afterwards.
+func (m *Manager) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	ids := make([]string, 0, len(m.sandboxes))
+	for id := range m.sandboxes {
+		ids = append(ids, id)
+	}
+	m.mu.Unlock()
+
+	errs := make([]error, len(ids))
+	var wg sync.WaitGroup
+	for i, id := range ids {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := m.Kill(context.Background(), id); err != nil && !errors.Is(err, ErrNotFound) {
+				errs[i] = err
+			}
+		}()
+	}
+	wg.Wait()
+	m.watchers.Wait()
+	errs = append(errs, m.slots.Close())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("node: close: %w", err)
+	}
+	return nil
+}
+
+// withConsole adds the end of the VM's console to err: the guest says there
+// why envd did not come up.
+func withConsole(err error, vm runtime.VM) error {
+	cl, ok := vm.(consoleLogger)
+	if !ok {
+		return err
+	}
+	b, rerr := readTail(cl.ConsoleLog(), 3000)
+	if rerr != nil || len(bytes.TrimSpace(b)) == 0 {
+		return err
+	}
+	return fmt.Errorf("%w; guest console ends:\n%s", err, b)
+}
+
+func isClosed(c chan struct{}) bool {
+	select {
+	case <-c:
+		return true
+	default:
+		return false
+	}
+}
