@@ -574,3 +574,36 @@ func TestKillDuringCreate(t *testing.T) {
 	info := create(t, m, spec("race-0")) // the ID and a slot are free again
 	run(t, info, "true")
 }
+
+// TestVMExitIsReaped: a sandbox whose VM dies on its own (here QEMU is
+// killed behind the node's back) leaves List, and its state and slot are freed.
+func TestVMExitIsReaped(t *testing.T) {
+	root := newRoot()
+	m := newManager(t, node.Config{Runtime: newRuntime(t, root)})
+	info := create(t, m, spec("short-lived"))
+	pids := qemuOf(filepath.Join(root, info.ID))
+	if len(pids) != 1 {
+		t.Fatalf("QEMUs of %s: %v", info.ID, pids)
+	}
+	syscall.Kill(pids[0], syscall.SIGKILL)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		l, _ := m.List(t.Context())
+		if len(l) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("a sandbox whose VM died is still listed: %+v", l[0])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := m.Kill(t.Context(), info.ID); !errors.Is(err, node.ErrNotFound) {
+		t.Errorf("Kill after the VM died: %v, want ErrNotFound", err)
+	}
+	if dirs := stateDirs(root); len(dirs) != 0 {
+		t.Errorf("state %v left", dirs)
+	}
+	if next := create(t, m, spec("successor")); next.Host != info.Host {
+		t.Errorf("the next sandbox is at %s, want the freed slot's %s", next.Host, info.Host)
+	}
+}
