@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/server"
+)
+
+func init() {
+	commands["up"] = command{summary: "run every role (API, node, proxy, builder) in one process", run: runUp}
+}
+
+func runUp(args []string) error {
+	fs := flag.NewFlagSet("up", flag.ExitOnError)
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), `Usage: warren up [flags]
+
+Runs warren on this host: the E2B REST API and the sandbox proxy on one
+listener, the node that runs microVM sandboxes, and the base template (built on
+first start: several minutes). On an empty data dir it creates the team
+"default" and an API key, printed once and written to DATA/api-key (0600).
+Prints the E2B_* lines to paste, then "ready". SIGTERM or Ctrl-C stops it and
+kills its running sandboxes (they do not survive a restart).
+
+Flags (each also read from the environment variable shown):
+`)
+		fs.PrintDefaults()
+	}
+	e := &envFlags{fs: fs}
+	var cfg server.Config
+	listen := e.String("listen", "WARREN_LISTEN", ":3000", "address of the API and sandbox-traffic listener")
+	publicURL := e.String("public-url", "WARREN_PUBLIC_URL", "", "URL clients reach warren at, for the printed E2B_* lines (default: from --listen)")
+	dataDir := e.String("data-dir", "WARREN_DATA_DIR", "/var/lib/warren", "where warren keeps its database, templates, VMs and keys")
+	dbURL := e.String("database-url", "WARREN_DATABASE_URL", "", "Postgres URL (postgres://user:pass@host/db); default: SQLite in the data dir")
+	domain := e.String("domain", "WARREN_DOMAIN", "", "domain for host routing <port>-<sandboxID>.<domain> (clients set E2B_DOMAIN to it)")
+	tlsMode := e.String("tls", "WARREN_TLS", "off", "TLS on the listener: off, self-signed (a CA in DATA/tls/ca.pem to trust), or files (--tls-cert, --tls-key)")
+	tlsCert := e.String("tls-cert", "WARREN_TLS_CERT", "", "PEM certificate chain for --tls files")
+	tlsKey := e.String("tls-key", "WARREN_TLS_KEY", "", "PEM private key for --tls files")
+	accel := e.String("vm-accel", "WARREN_VM_ACCEL", "auto", "microVM acceleration: auto (KVM where the CPU has vmx/svm and /dev/kvm works, else TCG), kvm, tcg")
+	envd := e.String("envd", "WARREN_ENVD", defaultEnvd(), "the static envd binary put into every sandbox")
+	slotRange := e.String("slot-range", "WARREN_SLOT_RANGE", netns.DefaultRange.String(), "IPv4 range for sandbox network slots (one /30 each); must not overlap networks the host reaches")
+	maxSandboxes := e.Int("max-sandboxes", "WARREN_MAX_SANDBOXES", 100, "running sandboxes per team (new teams; 0 = no limit)")
+	maxLifetime := e.Duration("max-sandbox-lifetime", "WARREN_MAX_SANDBOX_LIFETIME", 24*time.Hour, "longest a sandbox may live, from its start (new teams)")
+	nodeMax := e.Int("node-max-sandboxes", "WARREN_NODE_MAX_SANDBOXES", 0, "sandboxes this host runs at once (0 = derived from memory)")
+	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
+	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
+	fs.Parse(args)
+	if err := e.err(); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("up takes no arguments, got %q", fs.Args())
+	}
+	prefix, err := netip.ParsePrefix(*slotRange)
+	if err != nil {
+		return fmt.Errorf("--slot-range %q is not an IPv4 prefix such as 10.200.0.0/16", *slotRange)
+	}
+	cfg = server.Config{
+		Listen: *listen, PublicURL: *publicURL, DataDir: *dataDir, DatabaseURL: *dbURL, Domain: *domain,
+		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, Envd: *envd, SlotRange: prefix,
+		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
+		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	return server.Run(ctx, cfg, os.Stdout, log)
+}
+
+// defaultEnvd is bin/envd beside the warren binary, as `make build` puts it.
+func defaultEnvd() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "envd"
+	}
+	return filepath.Join(filepath.Dir(exe), "envd")
+}

@@ -1,0 +1,70 @@
+package server
+
+import (
+	"fmt"
+	"net/netip"
+	"strings"
+	"time"
+)
+
+// Config is everything `warren up` is started with. Every field has a flag
+// and a WARREN_* environment variable (see cmd/warren/up.go).
+type Config struct {
+	// Listen is the address of warren's one listener: API and sandbox traffic.
+	Listen string
+	// PublicURL is the URL clients use (printed in the E2B_* lines); derived
+	// from Listen (and the TLS mode) when empty.
+	PublicURL string
+	// DataDir holds the store, templates, VMs and keys. Never /tmp.
+	DataDir string
+	// DatabaseURL selects Postgres (postgres://...); empty means SQLite in DataDir.
+	DatabaseURL string
+	// Domain enables host routing <port>-<sandboxID>.<Domain> and is reported
+	// to clients as the sandboxes' domain.
+	Domain string
+	// TLS is "off", "self-signed" or "files" (TLSCert and TLSKey).
+	TLS              string
+	TLSCert, TLSKey  string
+	VMAccel          string // auto, kvm or tcg
+	Envd             string // the static envd binary for guests
+	SlotRange        netip.Prefix
+	MaxSandboxes     int           // per team, running at once
+	MaxLifetime      time.Duration // per sandbox, from its start
+	NodeMaxSandboxes int           // on this host; 0 = derived from memory
+	BootstrapAPIKey  string        // fixes the first API key (e2b_ + 40 hex)
+	DebianMirror     string
+}
+
+// TLS modes.
+var tlsModes = []string{"off", "self-signed", "files"}
+
+// Validate checks the values that flags alone cannot.
+func (c *Config) Validate() error {
+	if c.DataDir == "" {
+		return fmt.Errorf("--data-dir is empty")
+	}
+	switch c.TLS {
+	case "off", "self-signed":
+	case "files":
+		if c.TLSCert == "" || c.TLSKey == "" {
+			return fmt.Errorf("--tls files needs --tls-cert and --tls-key")
+		}
+	default:
+		return fmt.Errorf("--tls %q is not one of %s", c.TLS, strings.Join(tlsModes, ", "))
+	}
+	switch c.VMAccel {
+	case "auto", "kvm", "tcg":
+	default:
+		return fmt.Errorf("--vm-accel %q is not one of auto, kvm, tcg", c.VMAccel)
+	}
+	if c.MaxLifetime <= 0 {
+		return fmt.Errorf("--max-sandbox-lifetime must be positive, got %s", c.MaxLifetime)
+	}
+	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
+		return fmt.Errorf("sandbox limits cannot be negative")
+	}
+	if c.Domain != "" && strings.ContainsAny(c.Domain, "/: ") {
+		return fmt.Errorf("--domain %q must be a bare DNS name such as sbx.example.com", c.Domain)
+	}
+	return nil
+}

@@ -1,0 +1,294 @@
+// Package server assembles warren's roles into one process for `warren up`:
+// the store, the base template, the node that runs microVMs, the control
+// plane, the E2B REST API and the sandbox proxy, behind one listener.
+//
+// Lifecycle of sandboxes across restarts: a node starts empty (its network
+// slots are reset at start), so sandboxes do not survive a restart of warren.
+// On SIGTERM warren kills its running sandboxes before it exits; after a crash
+// the next start kills what is left and forgets the stored sandboxes.
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/warren-sh/warren/internal/api"
+	"github.com/warren-sh/warren/internal/catalog"
+	"github.com/warren-sh/warren/internal/certs"
+	"github.com/warren-sh/warren/internal/control"
+	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/node"
+	"github.com/warren-sh/warren/internal/proxy"
+	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/store"
+	"github.com/warren-sh/warren/internal/store/postgres"
+	"github.com/warren-sh/warren/internal/store/sqlite"
+	"github.com/warren-sh/warren/internal/template"
+	"github.com/warren-sh/warren/internal/version"
+)
+
+// Run starts every role, prints the connection details to out once ready, and
+// serves until ctx is done; then it shuts down and kills running sandboxes.
+func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error {
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(cfg.DataDir, 0o700); err != nil {
+		return fmt.Errorf("data dir: %w", err)
+	}
+
+	st, err := openStore(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	team, newKey, err := control.Bootstrap(ctx, st, control.TeamLimits{MaxSandboxes: cfg.MaxSandboxes, MaxLifetime: cfg.MaxLifetime}, cfg.BootstrapAPIKey)
+	if err != nil {
+		return err
+	}
+	keyFile := filepath.Join(cfg.DataDir, "api-key")
+	if newKey != "" {
+		if err := os.WriteFile(keyFile, []byte(newKey+"\n"), 0o600); err != nil {
+			return fmt.Errorf("write %s: %w", keyFile, err)
+		}
+	}
+
+	rt, err := microvm.New(microvm.Config{Root: filepath.Join(cfg.DataDir, "vms"), Accel: cfg.VMAccel, Log: log})
+	if err != nil {
+		return err
+	}
+	mgr, err := node.NewManager(ctx, node.Config{
+		ID: nodeID(), DataDir: cfg.DataDir, Runtime: rt, SlotRange: cfg.SlotRange,
+		MaxSandboxes: cfg.NodeMaxSandboxes, Log: log.With("role", "node"),
+	})
+	if err != nil {
+		return fmt.Errorf("node: %w", err)
+	}
+	defer mgr.Close()
+	if err := ensureBase(ctx, cfg, rt, mgr.Slots(), st, out); err != nil {
+		return err
+	}
+
+	var px *proxy.Proxy
+	ctl := control.New(control.Config{
+		Store: st, Node: mgr, Catalog: catalog.NewMemory(), Log: log.With("role", "control"),
+		OnGone: func(id string) { px.Abort(id) },
+	})
+	px = proxy.New(proxy.Config{Router: router{ctl}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
+	defer px.Close()
+	handler := px.Wrap(api.New(api.Config{Control: ctl, Store: st, Log: log.With("role", "api"), Domain: cfg.Domain}))
+
+	tlsConfig, caPath, err := listenerTLS(cfg)
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen on %s: %w", cfg.Listen, err)
+	}
+	if tlsConfig != nil {
+		ln = tls.NewListener(ln, tlsConfig)
+	}
+	srv := &http.Server{
+		Handler: handler,
+		// No read/write timeouts: command and watch streams last hours
+		// (PROXY.md §6); idle connections outlive the agent's keepalives.
+		ReadHeaderTimeout: 30 * time.Second,
+		IdleTimeout:       620 * time.Second,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
+	}
+
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	ctlDone := make(chan error, 1)
+	go func() { ctlDone <- ctl.Run(runCtx) }()
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Serve(ln) }()
+
+	printReady(out, cfg, ln.Addr(), tlsConfig != nil, caPath, newKey, keyFile)
+
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case err := <-srvDone:
+		runErr = fmt.Errorf("serve: %w", err)
+	case err := <-ctlDone:
+		if err != nil {
+			runErr = fmt.Errorf("control plane: %w", err)
+		}
+	}
+	log.Info("shutting down")
+	stop()
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	srv.Shutdown(shutdownCtx)
+	killAll(shutdownCtx, st, ctl, team, log)
+	return runErr
+}
+
+func openStore(ctx context.Context, cfg Config) (store.Store, error) {
+	if cfg.DatabaseURL != "" {
+		st, err := postgres.Open(ctx, cfg.DatabaseURL)
+		if err != nil {
+			return nil, fmt.Errorf("postgres store: %w", err)
+		}
+		return st, nil
+	}
+	st, err := sqlite.Open(ctx, filepath.Join(cfg.DataDir, "warren.db"))
+	if err != nil {
+		return nil, fmt.Errorf("sqlite store: %w", err)
+	}
+	return st, nil
+}
+
+// ensureBase builds the base template on first need (minutes, with progress)
+// and registers it in the store.
+func ensureBase(ctx context.Context, cfg Config, rt *microvm.Runtime, slots *netns.Pool, st store.Store, out io.Writer) error {
+	fmt.Fprintln(out, "warren: making sure the base template exists (the first time takes several minutes)")
+	art, err := template.EnsureBase(ctx, cfg.DataDir, template.BaseOptions{
+		Envd: cfg.Envd, Runtime: rt, Slots: slots, Mirror: cfg.DebianMirror, Progress: prefixWriter{out, "warren: base: "},
+	})
+	if err != nil {
+		return err
+	}
+	var diskMB int
+	if fi, err := os.Stat(art.RootDisk); err == nil {
+		diskMB = int(fi.Size() >> 20)
+	}
+	return control.EnsureBaseTemplate(ctx, st, control.BaseBuild{
+		Key: art.BuildID, Artifact: art.Dir, CPUCount: art.CPUs, MemoryMB: art.MemoryMiB,
+		DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
+	})
+}
+
+func listenerTLS(cfg Config) (*tls.Config, string, error) {
+	switch cfg.TLS {
+	case "self-signed":
+		domain := cfg.Domain
+		if domain == "" {
+			domain = "warren.localhost"
+		}
+		return certs.SelfSigned(filepath.Join(cfg.DataDir, "tls"), domain, nil)
+	case "files":
+		c, err := certs.FromFiles(cfg.TLSCert, cfg.TLSKey)
+		return c, "", err
+	}
+	return nil, "", nil
+}
+
+// killAll stops the default team's running sandboxes at shutdown: they cannot
+// outlive this process (see the package comment).
+func killAll(ctx context.Context, st store.Store, ctl *control.Controller, team *store.Team, log *slog.Logger) {
+	list, err := st.ListSandboxes(ctx, store.SandboxFilter{States: []store.SandboxState{store.StateRunning}})
+	if err != nil {
+		log.Error("list sandboxes at shutdown", "err", err)
+		return
+	}
+	for _, sb := range list {
+		t, err := st.GetTeam(ctx, sb.TeamID)
+		if err != nil {
+			t = team
+		}
+		if err := ctl.Kill(ctx, t, sb.ID); err != nil {
+			log.Error("kill sandbox at shutdown", "sandbox", sb.ID, "err", err)
+		}
+	}
+}
+
+func printReady(out io.Writer, cfg Config, addr net.Addr, tlsOn bool, caPath, newKey, keyFile string) {
+	url := cfg.PublicURL
+	if url == "" {
+		scheme := "http"
+		if tlsOn {
+			scheme = "https"
+		}
+		host, port, _ := net.SplitHostPort(addr.String())
+		if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+			host = "127.0.0.1"
+		}
+		url = fmt.Sprintf("%s://%s", scheme, net.JoinHostPort(host, port))
+	}
+	key := newKey
+	if key == "" {
+		if b, err := os.ReadFile(keyFile); err == nil {
+			key = strings.TrimSpace(string(b))
+		}
+	}
+	fmt.Fprintf(out, "warren %s: API and sandbox traffic on %s\n", version.Version, url)
+	if newKey != "" {
+		fmt.Fprintf(out, "warren: new API key (shown once; also in %s): %s\n", keyFile, newKey)
+	}
+	fmt.Fprintln(out, "warren: point the E2B SDK or CLI at warren with:")
+	fmt.Fprintf(out, "  export E2B_API_URL=%s E2B_SANDBOX_URL=%s", url, url)
+	if key != "" {
+		fmt.Fprintf(out, " E2B_API_KEY=%s", key)
+	} else {
+		fmt.Fprintf(out, " E2B_API_KEY=<your key>")
+	}
+	fmt.Fprintln(out)
+	if cfg.Domain != "" {
+		fmt.Fprintf(out, "  # or, with DNS for api.%s and *.%s pointing here: export E2B_DOMAIN=%s\n", cfg.Domain, cfg.Domain, cfg.Domain)
+	}
+	if caPath != "" {
+		fmt.Fprintf(out, "  export NODE_EXTRA_CA_CERTS=%s\n", caPath)
+	}
+	fmt.Fprintln(out, "ready")
+}
+
+// router lets the proxy find sandboxes through the control plane.
+type router struct{ ctl *control.Controller }
+
+func (r router) Lookup(ctx context.Context, id string) (*proxy.Target, error) {
+	rt, err := r.ctl.Lookup(ctx, id)
+	if errors.Is(err, control.ErrNoRoute) {
+		return nil, proxy.ErrSandboxNotFound
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}, nil
+}
+
+func (r router) Running(ctx context.Context) ([]*proxy.Target, error) {
+	routes, err := r.ctl.Running(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*proxy.Target, len(routes))
+	for i, rt := range routes {
+		out[i] = &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}
+	}
+	return out, nil
+}
+
+func nodeID() string {
+	if h, err := os.Hostname(); err == nil && h != "" {
+		return h
+	}
+	return "local"
+}
+
+// prefixWriter prefixes every line written through it.
+type prefixWriter struct {
+	w      io.Writer
+	prefix string
+}
+
+func (p prefixWriter) Write(b []byte) (int, error) {
+	for _, line := range strings.SplitAfter(string(b), "\n") {
+		if line != "" {
+			fmt.Fprint(p.w, p.prefix+line)
+		}
+	}
+	return len(b), nil
+}
