@@ -1,0 +1,42 @@
+package server
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestConfigValidate(t *testing.T) {
+	good := func() Config {
+		return Config{DataDir: "/var/lib/warren", TLS: "off", VMAccel: "auto", MaxLifetime: time.Hour}
+	}
+	cases := []struct {
+		name    string
+		change  func(*Config)
+		wantErr string // empty: valid
+	}{
+		{"defaults", func(*Config) {}, ""},
+		{"self-signed", func(c *Config) { c.TLS = "self-signed"; c.Domain = "sbx.example.com" }, ""},
+		{"files", func(c *Config) { c.TLS = "files"; c.TLSCert, c.TLSKey = "c.pem", "k.pem" }, ""},
+		{"files without key", func(c *Config) { c.TLS = "files"; c.TLSCert = "c.pem" }, "--tls files needs --tls-cert and --tls-key"},
+		{"unknown tls", func(c *Config) { c.TLS = "acme" }, `--tls "acme" is not one of off, self-signed, files`},
+		{"unknown accel", func(c *Config) { c.VMAccel = "hvf" }, `--vm-accel "hvf" is not one of auto, kvm, tcg`},
+		{"no data dir", func(c *Config) { c.DataDir = "" }, "--data-dir is empty"},
+		{"zero lifetime", func(c *Config) { c.MaxLifetime = 0 }, "--max-sandbox-lifetime must be positive"},
+		{"negative limit", func(c *Config) { c.MaxSandboxes = -1 }, "cannot be negative"},
+		{"domain with scheme", func(c *Config) { c.Domain = "https://x.example" }, "must be a bare DNS name"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			cfg := good()
+			c.change(&cfg)
+			err := cfg.Validate()
+			switch {
+			case c.wantErr == "" && err != nil:
+				t.Fatalf("unexpected error: %v", err)
+			case c.wantErr != "" && (err == nil || !strings.Contains(err.Error(), c.wantErr)):
+				t.Fatalf("error %v, want one containing %q", err, c.wantErr)
+			}
+		})
+	}
+}
