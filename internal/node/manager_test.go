@@ -597,8 +597,9 @@ func TestVMExitIsReaped(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-	if err := m.Kill(t.Context(), info.ID); !errors.Is(err, node.ErrNotFound) {
-		t.Errorf("Kill after the VM died: %v, want ErrNotFound", err)
+	// The node may still be freeing it: a Kill then waits for that and succeeds.
+	if err := m.Kill(t.Context(), info.ID); err != nil && !errors.Is(err, node.ErrNotFound) {
+		t.Errorf("Kill after the VM died: %v, want nil or ErrNotFound", err)
 	}
 	if dirs := stateDirs(root); len(dirs) != 0 {
 		t.Errorf("state %v left", dirs)
