@@ -3,13 +3,17 @@
 import assert from 'node:assert/strict'
 import { after, before, describe, it } from 'node:test'
 import { CommandExitError, InvalidArgumentError, TimeoutError } from 'e2b'
-import { HOME, debugSandbox, rejection, uniqueName, waitFor } from './helpers.mjs'
+import { HOME, rejection, releaseSandbox, testSandbox, uniqueName, waitFor } from './helpers.mjs'
 
 const opts = { timeout: 30_000 }
 let sandbox
 
 before(async () => {
-  sandbox = await debugSandbox()
+  sandbox = await testSandbox('commands')
+})
+
+after(async () => {
+  await releaseSandbox(sandbox)
 })
 
 // processGone reports whether no process has pid any more (kill -0 fails).

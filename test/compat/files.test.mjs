@@ -5,19 +5,20 @@ import assert from 'node:assert/strict'
 import { createHash, randomBytes } from 'node:crypto'
 import { after, before, describe, it } from 'node:test'
 import { FileNotFoundError, FileType, FilesystemEventType } from 'e2b'
-import { HOME, debugSandbox, rejection, scratchDir, uniqueName, waitFor } from './helpers.mjs'
+import { HOME, rejection, releaseSandbox, scratchDir, testSandbox, uniqueName, waitFor } from './helpers.mjs'
 
 const opts = { timeout: 60_000 }
 let sandbox
 let dir
 
 before(async () => {
-  sandbox = await debugSandbox()
+  sandbox = await testSandbox('files')
   dir = await scratchDir(sandbox, 'compat-files')
 })
 
 after(async () => {
   if (dir) await sandbox.files.remove(dir)
+  await releaseSandbox(sandbox)
 })
 
 const sha256 = (bytes) => createHash('sha256').update(bytes).digest('hex')

@@ -1,5 +1,6 @@
-// Shared helpers for the compatibility tests: a debug-mode sandbox, scratch
-// directories, polling, and (for secured.test.mjs) a private envd.
+// Shared helpers for the compatibility tests: the sandbox of the current stage
+// (debug mode or a real one through warren's API), scratch directories,
+// polling, and (for secured.test.mjs) a private envd.
 import { spawn } from 'node:child_process'
 import { randomBytes } from 'node:crypto'
 import { once } from 'node:events'
@@ -17,12 +18,18 @@ export const HOME = '/home/user'
 /** Path of the envd binary `make build` produces. */
 export const ENVD_BIN = fileURLToPath(new URL('../../bin/envd', import.meta.url))
 
+/** isDebug: the debug stage (E2B_DEBUG=true), envd on localhost:49983, no API. */
+export const isDebug = (process.env.E2B_DEBUG ?? '').toLowerCase() === 'true'
+
+/** apiKey is the key run.sh gives warren and the tests (E2B_API_KEY). */
+export const apiKey = process.env.E2B_API_KEY
+
 /**
  * debugSandbox is `Sandbox.create()` in the SDK's debug mode: no API call,
  * envd at http://localhost:49983 (started by run.sh), no access token.
  */
 export async function debugSandbox() {
-  if ((process.env.E2B_DEBUG ?? '').toLowerCase() !== 'true') {
+  if (!isDebug) {
     throw new Error('E2B_DEBUG=true is required: run the tests through ./run.sh')
   }
   const sandbox = await Sandbox.create()
@@ -30,6 +37,24 @@ export async function debugSandbox() {
     throw new Error(`expected the SDK's debug sandbox, got ${sandbox.sandboxId}`)
   }
   return sandbox
+}
+
+/**
+ * testSandbox is the sandbox of the stage the file runs in: the debug
+ * sandbox (debug stage), or a new sandbox from warren's API (api and domain
+ * stages, E2B_API_KEY set) with `metadata.compat = label` and a 15 min
+ * lifetime. Give the result to `releaseSandbox` in an `after` hook.
+ */
+export async function testSandbox(label, opts = {}) {
+  if (isDebug) return debugSandbox()
+  if (!apiKey) throw new Error('E2B_API_KEY is not set: run the tests through ./run.sh')
+  return Sandbox.create({ timeoutMs: 15 * 60_000, ...opts, metadata: { compat: label, ...opts.metadata } })
+}
+
+/** releaseSandbox kills a sandbox testSandbox made through the API. */
+export async function releaseSandbox(sandbox) {
+  if (!sandbox || isDebug) return
+  await sandbox.kill()
 }
 
 /** uniqueName returns `prefix-<random hex>`, so reruns never collide. */
@@ -120,4 +145,37 @@ export async function startPrivateEnvd(name) {
     throw err
   }
   return { url, pid: child.pid, stop }
+}
+
+/** sandboxUrl is E2B_SANDBOX_URL: warren's single origin in the api stage. */
+export const sandboxUrl = process.env.E2B_SANDBOX_URL
+
+/**
+ * proxyFetch fetches `path` on `port` of sandbox `id` through warren's
+ * single origin, routed by the E2b-Sandbox-Id/E2b-Sandbox-Port headers (README
+ * mode A), as the SDK routes its own envd calls.
+ */
+export function proxyFetch(id, port, path = '/', init = {}) {
+  if (!sandboxUrl) throw new Error('E2B_SANDBOX_URL is not set: run the tests through ./run.sh api')
+  return fetch(new URL(path, sandboxUrl), {
+    ...init,
+    headers: { 'E2b-Sandbox-Id': id, 'E2b-Sandbox-Port': String(port), ...init.headers },
+  })
+}
+
+/**
+ * startHttpServer runs `python3 -m http.server` on port inside the sandbox
+ * (in the background, serving a fresh directory whose index.html holds a
+ * random marker; `bind` e.g. 127.0.0.1) and returns { marker, handle }.
+ * The caller waits for it with its own probe: only it knows the route.
+ */
+export async function startHttpServer(sandbox, port, bind) {
+  const marker = uniqueName(`served-on-${port}`)
+  const dir = `/tmp/${marker}`
+  await sandbox.files.write(`${dir}/index.html`, marker)
+  const handle = await sandbox.commands.run(
+    `exec python3 -m http.server ${port} --directory ${dir}${bind ? ` --bind ${bind}` : ''}`,
+    { background: true, timeoutMs: 0 },
+  )
+  return { marker, handle }
 }

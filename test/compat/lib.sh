@@ -1,6 +1,7 @@
-# Shared by run.sh and bench.sh (sourced, not executed): prepares the host and
+# Shared by run.sh and bench.sh (sourced, not executed): prepares the host,
 # runs bin/envd on 127.0.0.1:49983, where the e2b SDK looks for it when
-# E2B_DEBUG=true. Callers use `set -euo pipefail`.
+# E2B_DEBUG=true, and runs `bin/warren up` for the API stages. Callers use
+# `set -euo pipefail`.
 
 COMPAT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$COMPAT_DIR/../.." && pwd)
@@ -8,8 +9,8 @@ ENVD_BIN=$REPO_ROOT/bin/envd
 # The SDK's debug mode hard-codes http://localhost:49983; the port is not a knob.
 ENVD_PORT=49983
 ENVD_PID=
-# LOG_DIR holds envd.log and the logs of envds that tests start themselves
-# (exported as WARREN_COMPAT_LOG_DIR); created by start_envd.
+# LOG_DIR holds envd.log, warren-<stage>.log and the logs of envds that tests
+# start themselves (exported as WARREN_COMPAT_LOG_DIR); made by ensure_log_dir.
 LOG_DIR=
 ENVD_LOG=
 
@@ -51,8 +52,7 @@ start_envd() {
 	if (exec 3<>"/dev/tcp/127.0.0.1/$ENVD_PORT") 2>/dev/null; then
 		die "port $ENVD_PORT is already in use (another envd?); the SDK's debug mode needs it free"
 	fi
-	LOG_DIR=$(mktemp -d /tmp/warren-compat.XXXXXX)
-	export WARREN_COMPAT_LOG_DIR=$LOG_DIR
+	ensure_log_dir
 	ENVD_LOG=$LOG_DIR/envd.log
 	"$ENVD_BIN" --port "$ENVD_PORT" --host 127.0.0.1 >"$ENVD_LOG" 2>&1 &
 	ENVD_PID=$!
@@ -71,6 +71,13 @@ start_envd() {
 	done
 	cat "$ENVD_LOG" >&2
 	die "envd did not answer GET /health with 204 within 10 s"
+}
+
+# ensure_log_dir makes LOG_DIR once and exports it as WARREN_COMPAT_LOG_DIR.
+ensure_log_dir() {
+	[[ -n $LOG_DIR ]] && return 0
+	LOG_DIR=$(mktemp -d /tmp/warren-compat.XXXXXX)
+	export WARREN_COMPAT_LOG_DIR=$LOG_DIR
 }
 
 # curl_health prints the status of GET /health, using bash's /dev/tcp so the
@@ -117,16 +124,26 @@ stop_test_envds() {
 	done
 }
 
-# print_logs shows every envd log in LOG_DIR, for failures.
+# print_logs shows every log in LOG_DIR, for failures: envd logs whole, the
+# last WARREN_LOG_LINES lines of each warren log (its start prints the cold
+# base build).
 print_logs() {
 	[[ -n $LOG_DIR && -d $LOG_DIR ]] || return 0
-	local f
+	local f printed=
 	for f in "$LOG_DIR"/*.log; do
 		[[ -f $f ]] || continue
-		echo "----- $f -----" >&2
-		cat "$f" >&2
+		printed=1
+		if [[ $(basename "$f") == warren-* ]]; then
+			echo "----- $f (last $WARREN_LOG_LINES lines) -----" >&2
+			tail -n "$WARREN_LOG_LINES" "$f" >&2
+		else
+			echo "----- $f -----" >&2
+			cat "$f" >&2
+		fi
 	done
-	echo "----- end of envd logs -----" >&2
+	if [[ -n $printed ]]; then
+		echo "----- end of logs -----" >&2
+	fi
 }
 
 # remove_logs deletes LOG_DIR.
@@ -137,17 +154,153 @@ remove_logs() {
 	LOG_DIR=
 }
 
-# on_exit is the EXIT trap of run.sh and bench.sh: stop envd, print the logs
-# if the script failed, remove them, keep the exit code. A closed stdout (say,
-# `./run.sh | head`) must not stop the cleanup, so SIGPIPE is ignored here.
+# on_exit is the EXIT trap of run.sh and bench.sh: stop envd and warren, print
+# the logs if the script failed, remove them, keep the exit code. A closed
+# stdout (say, `./run.sh | head`) must not stop the cleanup, so SIGPIPE is
+# ignored here.
 on_exit() {
 	local rc=$?
 	trap '' PIPE
-	stop_envd
-	stop_test_envds
+	stop_started
 	if [[ $rc -ne 0 ]]; then
 		print_logs || true
 	fi
 	remove_logs
 	exit "$rc"
+}
+
+# on_stage_exit is the EXIT trap of one run.sh stage (a subshell with its own
+# LOG_DIR): like on_exit, but the logs stay for the script to remove.
+on_stage_exit() {
+	local rc=$?
+	trap '' PIPE
+	stop_started
+	if [[ $rc -ne 0 ]]; then
+		print_logs || true
+	fi
+	exit "$rc"
+}
+
+# stop_started stops, by PID, every process this shell started.
+stop_started() {
+	stop_envd
+	stop_warren
+	stop_test_envds
+}
+
+# ---- bin/warren up (API stages) ----
+
+WARREN_BIN=$REPO_ROOT/bin/warren
+# The base template (debootstrap, kernel, first boot: minutes) is cached here
+# and shared with the Go tests; only warren's store and key file are reset.
+WARREN_DATA=${WARREN_COMPAT_DATA_DIR:-/var/tmp/warren-test-cache}
+# The first API key of the empty store (WARREN_BOOTSTRAP_API_KEY). Loopback
+# only, and the store is new each time, so a fixed value is fine.
+WARREN_API_KEY=e2b_0c0ffee00c0ffee00c0ffee00c0ffee00c0ffee0
+# A cold base build takes minutes; 15 min leaves room for a slow mirror.
+WARREN_READY_TIMEOUT=${WARREN_COMPAT_READY_TIMEOUT:-900}
+# SIGTERM makes warren kill its sandboxes before it exits.
+WARREN_STOP_TIMEOUT=90
+WARREN_LOG_LINES=300
+WARREN_PID=
+WARREN_LOG=
+WARREN_LOCK_FD=
+
+# lock_warren_data takes an exclusive lock on the data directory for the rest
+# of the script: two runs must not reset each other's store.
+lock_warren_data() {
+	[[ -n $WARREN_LOCK_FD ]] && return 0
+	mkdir -p "$WARREN_DATA"
+	exec {WARREN_LOCK_FD}>"$WARREN_DATA/compat.lock"
+	flock -n "$WARREN_LOCK_FD" || die "$WARREN_DATA is in use by another compat run (lock $WARREN_DATA/compat.lock)"
+}
+
+# free_port prints a free TCP port on 127.0.0.1.
+free_port() {
+	node -e 'const s = require("net").createServer().listen(0, "127.0.0.1", () => { console.log(s.address().port); s.close() })'
+}
+
+# port_busy reports whether something listens on 127.0.0.1:$1.
+port_busy() {
+	(exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+}
+
+# start_warren NAME ADDR [FLAGS...] runs `bin/warren up --data-dir WARREN_DATA
+# --listen ADDR FLAGS` with WARREN_BOOTSTRAP_API_KEY on a fresh store, prints
+# its output (prefixed) until it prints `ready`, and fails when it exits first
+# or WARREN_READY_TIMEOUT passes. Sets WARREN_PID and WARREN_LOG.
+start_warren() {
+	local name=$1 addr=$2
+	shift 2
+	[[ -x $WARREN_BIN ]] || die "$WARREN_BIN is missing; run 'make build' first"
+	[[ -z $WARREN_PID ]] || die "start_warren: warren pid $WARREN_PID still runs"
+	ensure_log_dir
+	lock_warren_data
+	# A fresh store per stage: sandboxes, keys and list results of earlier
+	# runs must not leak into this one. The template cache stays.
+	rm -f "$WARREN_DATA"/warren.db "$WARREN_DATA"/warren.db-* "$WARREN_DATA/api-key"
+	WARREN_LOG=$LOG_DIR/warren-$name.log
+	echo "compat: bin/warren up --data-dir $WARREN_DATA --listen $addr $* (log $WARREN_LOG)"
+	: >"$WARREN_LOG" # before the reads below: the child opens it only once it runs
+	WARREN_BOOTSTRAP_API_KEY=$WARREN_API_KEY "$WARREN_BIN" up \
+		--data-dir "$WARREN_DATA" --listen "$addr" "$@" \
+		>"$WARREN_LOG" 2>&1 {WARREN_LOCK_FD}>&- &
+	WARREN_PID=$!
+	local started=$SECONDS printed=0 lines
+	for (( ; ; )); do
+		# Complete lines only, as they come, so CI shows a cold build's progress.
+		lines=$(wc -l <"$WARREN_LOG")
+		if ((lines > printed)); then
+			sed -n "$((printed + 1)),${lines}p" "$WARREN_LOG" | sed 's/^/  warren| /'
+			printed=$lines
+		fi
+		if grep -qx 'ready' "$WARREN_LOG"; then
+			break
+		fi
+		if ! kill -0 "$WARREN_PID" 2>/dev/null; then
+			local rc=0
+			wait "$WARREN_PID" || rc=$?
+			WARREN_PID=
+			sed -n "$((printed + 1)),\$p" "$WARREN_LOG" | sed 's/^/  warren| /'
+			die "warren exited with status $rc before printing 'ready' (log above)"
+		fi
+		if ((SECONDS - started > WARREN_READY_TIMEOUT)); then
+			die "warren did not print 'ready' within $WARREN_READY_TIMEOUT s (log above)"
+		fi
+		sleep 0.2
+	done
+	echo "compat: warren pid $WARREN_PID ready on $addr after $((SECONDS - started)) s"
+}
+
+# descendants PID prints the PIDs of PID's children, grandchildren, ...
+# (QEMU runs in a session of its own but is still warren's child).
+descendants() {
+	local child
+	for child in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+		echo "$child"
+		descendants "$child"
+	done
+}
+
+# stop_warren stops the warren this script started, by PID: SIGTERM (it kills
+# its sandboxes on the way out), then, after WARREN_STOP_TIMEOUT, SIGKILL to it
+# and to every process it had started. Safe to call twice.
+stop_warren() {
+	[[ -n $WARREN_PID ]] || return 0
+	local pid=$WARREN_PID started=$SECONDS
+	WARREN_PID=
+	kill -TERM "$pid" 2>/dev/null || true
+	while kill -0 "$pid" 2>/dev/null && ((SECONDS - started < WARREN_STOP_TIMEOUT)); do
+		sleep 0.2
+	done
+	if kill -0 "$pid" 2>/dev/null; then
+		local stray
+		stray=$(descendants "$pid" | tr '\n' ' ')
+		echo "compat: warren pid $pid still runs $WARREN_STOP_TIMEOUT s after SIGTERM; SIGKILL to it and its processes ${stray:-(none)}" >&2
+		# shellcheck disable=SC2086 # a list of PIDs
+		kill -KILL "$pid" $stray 2>/dev/null || true
+	fi
+	local rc=0
+	wait "$pid" 2>/dev/null || rc=$?
+	echo "compat: warren pid $pid exited with status $rc, $((SECONDS - started)) s after SIGTERM"
 }

@@ -3,14 +3,18 @@
 import assert from 'node:assert/strict'
 import { after, before, describe, it } from 'node:test'
 import { CommandExitError } from 'e2b'
-import { debugSandbox, rejection, waitFor } from './helpers.mjs'
+import { rejection, releaseSandbox, testSandbox, waitFor } from './helpers.mjs'
 
 const opts = { timeout: 30_000 }
 const encoder = new TextEncoder()
 let sandbox
 
 before(async () => {
-  sandbox = await debugSandbox()
+  sandbox = await testSandbox('pty')
+})
+
+after(async () => {
+  await releaseSandbox(sandbox)
 })
 
 // plain drops terminal escape sequences (colours, titles, bracketed paste).

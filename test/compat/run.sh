@@ -1,16 +1,87 @@
 #!/usr/bin/env bash
-# Compatibility tests: the official npm `e2b` SDK (pinned in package.json) in
-# debug mode (E2B_DEBUG=true) against bin/envd on 127.0.0.1:49983.
+# Compatibility tests: the official npm `e2b` SDK (pinned in package.json)
+# against warren, in three stages:
 #
-#   ./run.sh                       every *.test.mjs
-#   ./run.sh files.test.mjs        some of them
+#   debug   E2B_DEBUG=true against bin/envd on 127.0.0.1:49983 (README mode C)
+#   api     `bin/warren up` on a free loopback port; E2B_API_URL/E2B_SANDBOX_URL
+#           point at it (mode A, header routing): api/*.test.mjs and the
+#           commands/files/pty files against real sandboxes
+#   domain  `bin/warren up --tls self-signed --domain warren.test` on
+#           127.0.0.1:443; E2B_DOMAIN + NODE_EXTRA_CA_CERTS, names under the
+#           domain resolved to 127.0.0.1 by resolve-loopback.mjs (mode B)
 #
-# secured.test.mjs starts its own envd on a free port (it sets an access token
-# through /init, which cannot be undone on the shared one). Needs root and
-# `make build`. Exit code: the test runner's.
+#   ./run.sh                          every stage, every file
+#   ./run.sh api domain               some stages
+#   ./run.sh files.test.mjs           one file, in every stage that runs it
+#   ./run.sh api api/proxy.test.mjs   one file in one stage
+#
+# Each stage runs even when an earlier one failed. Needs root and `make
+# build`. Exit code: 0 when every stage passed.
 set -euo pipefail
 cd "$(dirname "$0")"
 source ./lib.sh
+
+STAGES=(debug api domain)
+# The mode B domain: .test is reserved (RFC 6761), so no real name is shadowed.
+DOMAIN=warren.test
+
+# stage_files STAGE prints the test files a stage runs by default.
+stage_files() {
+	case $1 in
+	debug) printf '%s\n' *.test.mjs ;;
+	api) printf '%s\n' api/*.test.mjs commands.test.mjs files.test.mjs pty.test.mjs ;;
+	domain) printf '%s\n' domain/*.test.mjs ;;
+	esac
+}
+
+# node_test runs the test runner on its arguments, one file at a time.
+node_test() {
+	node --test --test-concurrency=1 --test-reporter=spec "$@"
+}
+
+# Each run_<stage> runs in a subshell of its own: its exports end with it.
+run_debug() {
+	start_envd
+	E2B_DEBUG=true node_test "$@"
+}
+
+run_api() {
+	local port
+	port=$(free_port)
+	start_warren api "127.0.0.1:$port"
+	unset E2B_DEBUG E2B_DOMAIN
+	export E2B_API_URL=http://127.0.0.1:$port E2B_SANDBOX_URL=http://127.0.0.1:$port
+	export E2B_API_KEY=$WARREN_API_KEY
+	node_test "$@"
+}
+
+run_domain() {
+	# The SDK builds https://api.<domain> and https://<port>-<id>.<domain>
+	# with no port, so warren listens on 443 (loopback only).
+	if port_busy 443; then
+		die "127.0.0.1:443 is in use; the domain stage serves https://api.$DOMAIN there"
+	fi
+	start_warren domain 127.0.0.1:443 --tls self-signed --domain "$DOMAIN"
+	local ca=$WARREN_DATA/tls/ca.pem
+	[[ -f $ca ]] || die "warren up --tls self-signed made no CA at $ca"
+	unset E2B_DEBUG E2B_API_URL E2B_SANDBOX_URL
+	export E2B_DOMAIN=$DOMAIN E2B_API_KEY=$WARREN_API_KEY NODE_EXTRA_CA_CERTS=$ca
+	export NODE_OPTIONS="${NODE_OPTIONS:+$NODE_OPTIONS }--import=$COMPAT_DIR/resolve-loopback.mjs"
+	node_test "$@"
+}
+
+# Arguments: stage names select stages, anything else is a test file that
+# runs in each selected stage whose default set contains it.
+selected=()
+files=()
+for arg in "$@"; do
+	case $arg in
+	debug | api | domain) selected+=("$arg") ;;
+	all) selected+=("${STAGES[@]}") ;;
+	*) files+=("${arg#./}") ;;
+	esac
+done
+[[ ${#selected[@]} -gt 0 ]] || selected=("${STAGES[@]}")
 
 ensure_root
 ensure_node_modules
@@ -18,11 +89,49 @@ ensure_user
 
 trap on_exit EXIT
 trap 'exit 130' INT TERM
+ensure_log_dir
 
-start_envd
+failed=()
+summary=()
+for stage in "${STAGES[@]}"; do
+	[[ " ${selected[*]} " == *" $stage "* ]] || continue
+	mapfile -t defaults <<<"$(stage_files "$stage")"
+	run=()
+	if [[ ${#files[@]} -eq 0 ]]; then
+		run=("${defaults[@]}")
+	else
+		for f in "${files[@]}"; do
+			if [[ " ${defaults[*]} " == *" $f "* ]]; then
+				run+=("$f")
+			fi
+		done
+	fi
+	[[ ${#run[@]} -gt 0 ]] || continue
+	echo "compat: ===== stage $stage: ${run[*]}"
+	started=$SECONDS
+	# A subshell, so that die() in a stage ends that stage only; its EXIT
+	# trap stops what the stage started and prints the stage's logs. Not
+	# `( ... ) || rc=$?`: that would switch errexit off inside it.
+	set +e
+	(
+		set -e
+		LOG_DIR=$LOG_DIR/$stage
+		mkdir "$LOG_DIR"
+		export WARREN_COMPAT_LOG_DIR=$LOG_DIR
+		trap on_stage_exit EXIT
+		trap 'exit 130' INT TERM
+		"run_$stage" "${run[@]}"
+	)
+	rc=$?
+	set -e
+	summary+=("$stage: $([[ $rc -eq 0 ]] && echo passed || echo "FAILED ($rc)") in $((SECONDS - started)) s")
+	[[ $rc -eq 0 ]] || failed+=("$stage")
+done
 
-tests=("$@")
-if [[ ${#tests[@]} -eq 0 ]]; then
-	tests=(*.test.mjs)
+echo "compat: ===== summary"
+printf 'compat:   %s\n' "${summary[@]}"
+if [[ ${#summary[@]} -eq 0 ]]; then
+	die "no stage runs any of: ${files[*]}"
 fi
-E2B_DEBUG=true node --test --test-concurrency=1 --test-reporter=spec "${tests[@]}"
+# The stages printed their own logs on failure.
+[[ ${#failed[@]} -eq 0 ]]
