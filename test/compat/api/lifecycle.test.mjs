@@ -57,12 +57,22 @@ describe('Sandbox.create', opts, () => {
     assert.ok(sandbox.envdAccessToken.length >= 16, 'envdAccessToken too short')
   })
 
-  it('gives each sandbox its own ID and filesystem', async () => {
-    const other = await create()
+  it('sets E2B_SANDBOX_ID and E2B_TEMPLATE_ID for every process', async () => {
+    const { stdout } = await sandbox.commands.run('echo "$E2B_SANDBOX $E2B_SANDBOX_ID $E2B_TEMPLATE_ID"')
+    const info = await sandbox.getInfo()
+    assert.equal(stdout, `true ${sandbox.sandboxId} ${info.templateId}\n`)
+  })
+
+  it('gives each sandbox its own ID, filesystem and create-time envs', async () => {
+    const value = uniqueName('env')
+    const other = await create({ envs: { COMPAT_CREATE_ENV: value } })
     assert.notEqual(other.sandboxId, sandbox.sandboxId)
     const path = `${HOME}/${uniqueName('only-here')}.txt`
     await sandbox.files.write(path, 'x')
     assert.equal(await other.files.exists(path), false)
+    assert.equal((await other.commands.run('echo "$COMPAT_CREATE_ENV"')).stdout, `${value}\n`)
+    assert.equal((await other.commands.run('echo "$COMPAT_CREATE_ENV"', { user: 'root' })).stdout, `${value}\n`)
+    assert.equal((await sandbox.commands.run('echo "[${COMPAT_CREATE_ENV-unset}]"')).stdout, '[unset]\n')
     assert.equal(await Sandbox.kill(other.sandboxId), true)
   })
 
