@@ -183,9 +183,36 @@ on_stage_exit() {
 
 # stop_started stops, by PID, every process this shell started.
 stop_started() {
+	stop_node
 	stop_envd
 	stop_warren
 	stop_test_envds
+}
+
+NODE_PID=
+
+# run_node runs `node "$@"` in the background and waits for it: a signal to
+# this shell then runs its trap at once (which stops node through stop_node)
+# instead of after the whole test run.
+run_node() {
+	node "$@" &
+	NODE_PID=$!
+	local rc=0
+	wait "$NODE_PID" || rc=$?
+	NODE_PID=
+	return "$rc"
+}
+
+# stop_node stops the node run_node started and the test processes it started
+# (the test runner does not pass its SIGTERM on), by PID.
+stop_node() {
+	[[ -n $NODE_PID ]] || return 0
+	local pids
+	pids="$NODE_PID $(descendants "$NODE_PID" | tr '\n' ' ')"
+	# shellcheck disable=SC2086 # a list of PIDs
+	kill -TERM $pids 2>/dev/null || true
+	wait "$NODE_PID" 2>/dev/null || true
+	NODE_PID=
 }
 
 # ---- bin/warren up (API stages) ----

@@ -36,7 +36,7 @@ stage_files() {
 
 # node_test runs the test runner on its arguments, one file at a time.
 node_test() {
-	node --test --test-concurrency=1 --test-reporter=spec "$@"
+	run_node --test --test-concurrency=1 --test-reporter=spec "$@"
 }
 
 # Each run_<stage> runs in a subshell of its own: its exports end with it.
@@ -88,7 +88,16 @@ ensure_node_modules
 ensure_user
 
 trap on_exit EXIT
-trap 'exit 130' INT TERM
+# A signal ends the running stage (its own trap cleans up), then the script.
+interrupted=
+STAGE_PID=
+stop_stage() {
+	if [[ -n $STAGE_PID ]]; then
+		kill -TERM "$STAGE_PID" 2>/dev/null || true
+	fi
+}
+trap 'interrupted=130; stop_stage' INT
+trap 'interrupted=143; stop_stage' TERM
 ensure_log_dir
 
 failed=()
@@ -110,20 +119,28 @@ for stage in "${STAGES[@]}"; do
 	echo "compat: ===== stage $stage: ${run[*]}"
 	started=$SECONDS
 	# A subshell, so that die() in a stage ends that stage only; its EXIT
-	# trap stops what the stage started and prints the stage's logs. Not
-	# `( ... ) || rc=$?`: that would switch errexit off inside it.
-	set +e
+	# trap stops what the stage started and prints the stage's logs. In the
+	# background, so that our traps run at once and pass a signal on to it.
 	(
 		set -e
 		LOG_DIR=$LOG_DIR/$stage
 		mkdir "$LOG_DIR"
 		export WARREN_COMPAT_LOG_DIR=$LOG_DIR
 		trap on_stage_exit EXIT
-		trap 'exit 130' INT TERM
+		trap 'exit 143' TERM
 		"run_$stage" "${run[@]}"
-	)
-	rc=$?
-	set -e
+	) &
+	STAGE_PID=$!
+	# wait returns early when a trap ran; wait again until the stage is over.
+	while :; do
+		rc=0
+		wait "$STAGE_PID" || rc=$?
+		kill -0 "$STAGE_PID" 2>/dev/null || break
+	done
+	STAGE_PID=
+	if [[ -n $interrupted ]]; then
+		exit "$interrupted"
+	fi
 	summary+=("$stage: $([[ $rc -eq 0 ]] && echo passed || echo "FAILED ($rc)") in $((SECONDS - started)) s")
 	[[ $rc -eq 0 ]] || failed+=("$stage")
 done
