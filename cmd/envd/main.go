@@ -74,7 +74,7 @@ Flags (each also read from the environment variable shown):
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, SetClock: *initMode, Log: log})
+	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, InVM: *initMode, Log: log})
 	defer srv.Close()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

@@ -77,20 +77,25 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 		reply.Error(w, http.StatusBadRequest, "entropy: %d bytes, at most %d", len(req.Entropy), maxEntropy)
 		return
 	}
-	if req.Timestamp != nil && s.cfg.SetClock {
+	if req.Timestamp != nil && s.cfg.InVM {
 		if err := setClock(*req.Timestamp); err != nil {
 			s.cfg.Log.Error("set clock from /init", "err", err)
 		}
 	}
-	// Like the clock, the kernel RNG is the VM's own only in a VM (SetClock).
+	// Like the clock, the kernel RNG is the VM's own only in a VM (InVM).
 	// A clone that cannot reseed must not run: it would share its keys.
-	if len(req.Entropy) > 0 && s.cfg.SetClock {
+	if len(req.Entropy) > 0 && s.cfg.InVM {
 		if err := reseedRandom(req.Entropy); err != nil {
 			reply.Error(w, http.StatusInternalServerError, "reseed the kernel RNG: %v", err)
 			return
 		}
 	}
 	s.state.MergeEnvVars(req.EnvVars)
+	if s.cfg.InVM {
+		if err := writeSandboxFiles(s.state.EnvVars()); err != nil {
+			s.cfg.Log.Warn("write /run/e2b", "err", err)
+		}
+	}
 	if req.DefaultUser != nil && *req.DefaultUser != "" {
 		s.state.SetDefaultUser(*req.DefaultUser)
 	}
@@ -102,6 +107,23 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-Envd-Version", version.EnvdVersion)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// writeSandboxFiles writes E2B's identity files /run/e2b/.E2B_SANDBOX,
+// .E2B_SANDBOX_ID and .E2B_TEMPLATE_ID (ENVD.md §12), readable by every user.
+func writeSandboxFiles(env map[string]string) error {
+	const dir = "/run/e2b"
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	for _, name := range []string{"E2B_SANDBOX", "E2B_SANDBOX_ID", "E2B_TEMPLATE_ID"} {
+		if v, ok := env[name]; ok {
+			if err := os.WriteFile(dir+"/."+name, []byte(v), 0o644); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (s *Server) initSecretMatches(got string) bool {

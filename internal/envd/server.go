@@ -11,9 +11,11 @@ import (
 	"context"
 	"crypto/subtle"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -22,6 +24,7 @@ import (
 	"github.com/warren-sh/warren/internal/envd/files"
 	"github.com/warren-sh/warren/internal/envd/filesystem"
 	"github.com/warren-sh/warren/internal/envd/identity"
+	"github.com/warren-sh/warren/internal/envd/portforward"
 	"github.com/warren-sh/warren/internal/envd/process"
 	"github.com/warren-sh/warren/internal/envd/reply"
 	"github.com/warren-sh/warren/internal/envd/state"
@@ -34,9 +37,12 @@ type Config struct {
 	// InitSecret, when set, lets /init replace an access token that is already
 	// set (the node's private channel into a restored snapshot clone).
 	InitSecret string
-	// SetClock lets /init set the system clock; only in a VM, never on a host.
-	SetClock bool
-	Log      *slog.Logger
+	// InVM says envd is a sandbox VM's init and owns the machine: /init sets
+	// the clock and reseeds the kernel RNG, /init writes /run/e2b, and servers
+	// listening on loopback only are forwarded to the guest's address. Never on
+	// a host.
+	InVM bool
+	Log  *slog.Logger
 }
 
 // Server is a running agent's request handling.
@@ -106,6 +112,9 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		IdleTimeout: 640 * time.Second,
 		ErrorLog:    slog.NewLogLogger(s.cfg.Log.Handler(), slog.LevelDebug),
 	}
+	if s.cfg.InVM {
+		go s.forwardLoopbackPorts(ctx, ln)
+	}
 	go func() {
 		<-ctx.Done()
 		shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
@@ -157,4 +166,38 @@ func cors(next http.Handler) http.Handler {
 
 func constantTimeEqual(a, b string) bool {
 	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+// forwardLoopbackPorts makes servers bound to the guest's loopback reachable
+// through the proxy (ENVD.md §12), on eth0's address, until ctx is done.
+func (s *Server) forwardLoopbackPorts(ctx context.Context, ln net.Listener) {
+	external, err := interfaceIPv4("eth0")
+	if err != nil {
+		s.cfg.Log.Warn("not forwarding loopback ports", "err", err)
+		return
+	}
+	var skip []uint16
+	if a, ok := ln.Addr().(*net.TCPAddr); ok {
+		skip = append(skip, uint16(a.Port))
+	}
+	f := &portforward.Forwarder{External: external, Skip: skip, Log: s.cfg.Log.With("service", "portforward")}
+	f.Run(ctx)
+}
+
+// interfaceIPv4 is the first IPv4 address of the named interface.
+func interfaceIPv4(name string) (netip.Addr, error) {
+	iface, err := net.InterfaceByName(name)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	addrs, err := iface.Addrs()
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	for _, a := range addrs {
+		if p, err := netip.ParsePrefix(a.String()); err == nil && p.Addr().Is4() {
+			return p.Addr(), nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%s has no IPv4 address", name)
 }
