@@ -61,6 +61,7 @@ type Manager struct {
 	max     int
 	log     *slog.Logger
 	client  *http.Client // the node's calls to envd
+	probe   *http.Client // the /health poll: quick to give up, so the next try comes soon
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // starting, running and being killed
@@ -144,12 +145,16 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	dialer := &net.Dialer{Timeout: 100 * time.Millisecond}
+	// No kept-alive connections: a slot address is reused by the next
+	// sandbox, which would receive a dead one's idle connection. The probe's
+	// dial gives up fast; other calls allow for a host whose CPUs are
+	// saturated by other guests (under TCG, 20 idle clones fill 2 cores).
+	probeDialer := &net.Dialer{Timeout: 100 * time.Millisecond}
+	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log,
-		// No kept-alive connections: a slot address is reused by the next
-		// sandbox, which would receive a dead one's idle connection.
 		client:    &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
+		probe:     &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: probeDialer.DialContext}},
 		sandboxes: map[string]*sandbox{},
 		artifacts: map[string]*template.Artifact{},
 	}
@@ -375,7 +380,7 @@ func (m *Manager) waitHealth(ctx context.Context, base string, vm runtime.VM) er
 	for {
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 		req, _ := http.NewRequestWithContext(rctx, http.MethodGet, base+"/health", nil)
-		resp, err := m.client.Do(req)
+		resp, err := m.probe.Do(req)
 		cancel()
 		if err == nil {
 			resp.Body.Close()
