@@ -54,14 +54,14 @@ type Config struct {
 // its template's snapshot inside a network slot. It implements Node and is
 // safe for concurrent use.
 type Manager struct {
-	id      string
-	dataDir string
-	rt      runtime.Runtime
-	slots   *netns.Pool
-	max     int
-	log     *slog.Logger
-	client  *http.Client // the node's calls to envd
-	probe   *http.Client // the /health poll: quick to give up, so the next try comes soon
+	id          string
+	dataDir     string
+	rt          runtime.Runtime
+	slots       *netns.Pool
+	max         int
+	log         *slog.Logger
+	client      *http.Client // the node's calls to envd
+	probeDialer *net.Dialer  // the poll for envd's port: quick to give up, so the next try comes soon
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // starting, running and being killed
@@ -146,17 +146,16 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 		return nil, fmt.Errorf("node: %w", err)
 	}
 	// No kept-alive connections: a slot address is reused by the next
-	// sandbox, which would receive a dead one's idle connection. The probe's
-	// dial gives up fast; other calls allow for a host whose CPUs are
-	// saturated by other guests (under TCG, 20 idle clones fill 2 cores).
-	probeDialer := &net.Dialer{Timeout: 100 * time.Millisecond}
+	// sandbox, which would receive a dead one's idle connection. The probe
+	// gives up fast; calls allow for a host whose CPUs are saturated by other
+	// guests (under TCG, 20 idle clones fill 2 cores).
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log,
-		client:    &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
-		probe:     &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: probeDialer.DialContext}},
-		sandboxes: map[string]*sandbox{},
-		artifacts: map[string]*template.Artifact{},
+		client:      &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
+		probeDialer: &net.Dialer{Timeout: 100 * time.Millisecond},
+		sandboxes:   map[string]*sandbox{},
+		artifacts:   map[string]*template.Artifact{},
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
 	return m, nil
@@ -324,11 +323,12 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		return err
 	}
 	restored := time.Now().UTC()
-	base := "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
-	if err := m.waitHealth(ctx, base, vm); err != nil {
+	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
+	if err := m.waitListening(ctx, addr, vm); err != nil {
 		return withConsole(err, vm)
 	}
-	healthy := time.Now().UTC()
+	listening := time.Now().UTC()
+	base := "http://" + addr
 	version, err := m.initEnvd(ctx, base, a.InitSecret, spec)
 	if err != nil {
 		return withConsole(err, vm)
@@ -340,7 +340,7 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	sb.boot = []LogLine{
 		{Time: restored, Source: "boot", Message: fmt.Sprintf("restored template build %s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
 			a.BuildID, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
-		{Time: healthy, Source: "boot", Message: fmt.Sprintf("envd answered /health %s after the restore", healthy.Sub(restored).Round(time.Millisecond))},
+		{Time: listening, Source: "boot", Message: fmt.Sprintf("envd listened %s after the restore", listening.Sub(restored).Round(time.Millisecond))},
 		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s)",
 			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser))},
 	}
@@ -372,29 +372,24 @@ func (m *Manager) artifact(dir string) (*template.Artifact, error) {
 	return a, nil
 }
 
-// waitHealth polls envd's /health until it answers 204, the VM exits or ctx
-// ends. A restore answers within a few hundred milliseconds under TCG, so
-// the poll is tight.
-func (m *Manager) waitHealth(ctx context.Context, base string, vm runtime.VM) error {
+// waitListening polls until envd accepts TCP connections, the VM exits or ctx
+// ends. A TCP accept is the guest kernel's work alone: under TCG every clone
+// translates guest code anew, so an HTTP /health probe would make the clone
+// run envd's HTTP path once more before /init, which runs it anyway.
+func (m *Manager) waitListening(ctx context.Context, addr string, vm runtime.VM) error {
 	var last error
 	for {
-		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		req, _ := http.NewRequestWithContext(rctx, http.MethodGet, base+"/health", nil)
-		resp, err := m.probe.Do(req)
-		cancel()
+		c, err := m.probeDialer.DialContext(ctx, "tcp", addr)
 		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusNoContent {
-				return nil
-			}
-			err = fmt.Errorf("envd /health answered %s, want 204", resp.Status)
+			c.Close()
+			return nil
 		}
 		last = err
 		select {
 		case <-vm.Done():
-			return errors.New("the VM exited before envd answered")
+			return errors.New("the VM exited before envd listened")
 		case <-ctx.Done():
-			return fmt.Errorf("envd did not answer /health: %w (last: %v)", ctx.Err(), last)
+			return fmt.Errorf("envd did not listen: %w (last: %v)", ctx.Err(), last)
 		case <-time.After(5 * time.Millisecond):
 		}
 	}
