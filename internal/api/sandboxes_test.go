@@ -370,6 +370,11 @@ func TestShortTimeoutThenEvicted(t *testing.T) {
 			}
 			time.Sleep(20 * time.Millisecond)
 		}
+		// GET is 404 from the deadline on; the evictor kills the VM soon after.
+		for e.node.isRunning(sb.SandboxID) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		time.Sleep(100 * time.Millisecond) // the row goes right after the VM
 		if e.node.isRunning(sb.SandboxID) || e.node.killCount(sb.SandboxID) != 1 {
 			t.Errorf("timeout %s: node running = %v, kills = %d; want false, 1", timeout, e.node.isRunning(sb.SandboxID), e.node.killCount(sb.SandboxID))
 		}

@@ -195,10 +195,17 @@ func (c *Controller) reserve(ctx context.Context, team *store.Team) (release fun
 // Get returns one of the team's sandboxes.
 func (c *Controller) Get(ctx context.Context, team *store.Team, id string) (*store.Sandbox, error) {
 	sb, err := c.store.GetSandbox(ctx, id)
-	if errors.Is(err, store.ErrNotFound) || (err == nil && (sb.TeamID != team.ID || sb.State == store.StateKilling)) {
+	if errors.Is(err, store.ErrNotFound) || (err == nil && (sb.TeamID != team.ID || sb.State == store.StateKilling || expired(sb))) {
 		return nil, sandboxNotFound(id)
 	}
 	return sb, err
+}
+
+// expired reports whether a running sandbox is past its deadline: it is gone
+// for clients (the proxy stops routing to it at once) even before the evictor
+// has killed it.
+func expired(sb *store.Sandbox) bool {
+	return sb.State == store.StateRunning && !sb.EndAt.After(time.Now())
 }
 
 // List returns the team's sandboxes that match f (f.TeamID is set here).
@@ -286,7 +293,7 @@ func (c *Controller) Connect(ctx context.Context, team *store.Team, id string, t
 func (c *Controller) update(ctx context.Context, team *store.Team, id string, fn func(*store.Sandbox) error) (*store.Sandbox, error) {
 	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
 		switch {
-		case s.TeamID != team.ID:
+		case s.TeamID != team.ID || expired(s):
 			return sandboxNotFound(id)
 		case s.State == store.StateKilling:
 			return errorf(Conflict, "Sandbox %q is being killed", id)

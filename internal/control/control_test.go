@@ -393,3 +393,27 @@ func TestEvictorSurvivesStoreErrors(t *testing.T) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A running sandbox past its deadline is gone for clients at once, before the
+// evictor (not running here) kills it: no Get, no timeout change, no route.
+func TestExpiredSandboxIsGoneBeforeEviction(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	f.sandbox(t, "sb1", "node-1", store.StateRunning, time.Now().Add(-time.Millisecond))
+	f.node.run("sb1")
+	c := control.New(f.config)
+	must(t, c.Reconcile(ctx)) // routes sb1
+	var ce *control.Error
+	if _, err := c.Get(ctx, f.teamA, "sb1"); !errors.As(err, &ce) || ce.Kind != control.NotFound {
+		t.Errorf("Get after the deadline: %v, want NotFound", err)
+	}
+	if err := c.SetTimeout(ctx, f.teamA, "sb1", time.Minute); !errors.As(err, &ce) || ce.Kind != control.NotFound {
+		t.Errorf("SetTimeout after the deadline: %v, want NotFound", err)
+	}
+	if _, err := c.Lookup(ctx, "sb1"); err != control.ErrNoRoute {
+		t.Errorf("Lookup after the deadline: %v, want ErrNoRoute", err)
+	}
+	if !f.node.isRunning("sb1") {
+		t.Error("nothing but the evictor may kill it")
+	}
+}

@@ -25,7 +25,7 @@ func (c *Controller) Lookup(ctx context.Context, id string) (*Route, error) {
 		return nil, ErrNoRoute
 	}
 	sb, err := c.store.GetSandbox(ctx, id)
-	if err != nil || sb.State != store.StateRunning || !sb.EndAt.After(time.Now()) {
+	if err != nil || sb.State != store.StateRunning || expired(sb) {
 		return nil, ErrNoRoute
 	}
 	return &Route{SandboxID: id, Host: r.Host, EnvdToken: sb.EnvdAccessToken}, nil
