@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -52,6 +53,7 @@ Flags (each also read from the environment variable shown):
 	maxSandboxes := e.Int("max-sandboxes", "WARREN_MAX_SANDBOXES", 100, "running sandboxes per team (new teams; 0 = no limit)")
 	maxLifetime := e.Duration("max-sandbox-lifetime", "WARREN_MAX_SANDBOX_LIFETIME", 24*time.Hour, "longest a sandbox may live, from its start (new teams)")
 	nodeMax := e.Int("node-max-sandboxes", "WARREN_NODE_MAX_SANDBOXES", 0, "sandboxes this host runs at once (0 = derived from memory)")
+	dns := e.String("sandbox-dns", "WARREN_SANDBOX_DNS", strings.Join(hostDNS(), ","), "comma-separated nameservers for sandboxes' /etc/resolv.conf (default: the host's non-loopback ones)")
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
 	fs.Parse(args)
@@ -70,6 +72,7 @@ Flags (each also read from the environment variable shown):
 		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
+		SandboxDNS: splitList(*dns),
 	}
 	level := slog.LevelInfo
 	if *verbose {
@@ -88,4 +91,23 @@ func defaultEnvd() string {
 		return "envd"
 	}
 	return filepath.Join(filepath.Dir(exe), "envd")
+}
+
+// hostDNS is the host's nameservers a sandbox can reach.
+func hostDNS() []string {
+	b, err := os.ReadFile("/etc/resolv.conf")
+	if err != nil {
+		return nil
+	}
+	return server.HostNameservers(string(b))
+}
+
+func splitList(s string) []string {
+	var out []string
+	for _, f := range strings.Split(s, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			out = append(out, f)
+		}
+	}
+	return out
 }

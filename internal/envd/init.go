@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/netip"
 	"os"
 	"runtime"
 	"strconv"
@@ -35,6 +36,9 @@ type initRequest struct {
 	// state and would otherwise hand out the same "random" bytes. E2B's envd
 	// ignores the field, and so does envd on a host.
 	Entropy []byte `json:"entropy"`
+	// DNS is a warren extension: the nameservers the guest uses, written to
+	// /etc/resolv.conf in a VM.
+	DNS []string `json:"dns"`
 }
 
 // InitSecretHeader carries Config.InitSecret on /init calls from the node.
@@ -77,6 +81,17 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 		reply.Error(w, http.StatusBadRequest, "entropy: %d bytes, at most %d", len(req.Entropy), maxEntropy)
 		return
 	}
+	for _, ns := range req.DNS {
+		if _, err := netip.ParseAddr(ns); err != nil {
+			reply.Error(w, http.StatusBadRequest, "dns: %q is not an IP address", ns)
+			return
+		}
+	}
+	if len(req.DNS) > 0 && s.cfg.InVM {
+		if err := os.WriteFile("/etc/resolv.conf", resolvConf(req.DNS), 0o644); err != nil {
+			s.cfg.Log.Warn("write /etc/resolv.conf", "err", err)
+		}
+	}
 	if req.Timestamp != nil && s.cfg.InVM {
 		if err := setClock(*req.Timestamp); err != nil {
 			s.cfg.Log.Error("set clock from /init", "err", err)
@@ -107,6 +122,16 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("X-Envd-Version", version.EnvdVersion)
 	w.WriteHeader(http.StatusNoContent)
+}
+
+// resolvConf is /etc/resolv.conf naming the given nameservers.
+func resolvConf(nameservers []string) []byte {
+	var b strings.Builder
+	b.WriteString("# written by warren's envd at sandbox start\n")
+	for _, ns := range nameservers {
+		b.WriteString("nameserver " + ns + "\n")
+	}
+	return []byte(b.String())
 }
 
 // writeSandboxFiles writes E2B's identity files /run/e2b/.E2B_SANDBOX,

@@ -62,6 +62,7 @@ func TestInitBadInput(t *testing.T) {
 		"not json":     `{"envVars":`,
 		"unknown user": `{"defaultUser":"no-such-user-here"}`,
 		"wrong type":   `{"envVars":["A"]}`,
+		"bad dns":      `{"dns":["resolver.example"]}`,
 		// entropy is warren's extension: base64 bytes, at most 512 of them.
 		"entropy not base64": `{"entropy":"not base64!"}`,
 		"entropy too long":   `{"entropy":"` + base64.StdEncoding.EncodeToString(make([]byte, 513)) + `"}`,

@@ -46,6 +46,9 @@ type Config struct {
 	// holds. A sandbox may use all the memory its VM has, so by default the
 	// node never promises more memory than the host has free.
 	MaxSandboxes int
+	// DNS lists the nameservers sandboxes use (their /etc/resolv.conf); none
+	// leaves the template's file as it is.
+	DNS []string
 	// Log receives what the node does; nil discards it.
 	Log *slog.Logger
 }
@@ -60,6 +63,7 @@ type Manager struct {
 	slots       *netns.Pool
 	max         int
 	log         *slog.Logger
+	dns         []string
 	client      *http.Client // the node's calls to envd
 	probeDialer *net.Dialer  // the poll for envd's port: quick to give up, so the next try comes soon
 
@@ -151,7 +155,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	// guests (under TCG, 20 idle clones fill 2 cores).
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	m := &Manager{
-		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log,
+		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log, dns: cfg.DNS,
 		client:      &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
 		probeDialer: &net.Dialer{Timeout: 100 * time.Millisecond},
 		sandboxes:   map[string]*sandbox{},
@@ -403,6 +407,7 @@ type initRequest struct {
 	DefaultUser    string            `json:"defaultUser"`
 	DefaultWorkdir *string           `json:"defaultWorkdir,omitempty"`
 	Entropy        []byte            `json:"entropy"`
+	DNS            []string          `json:"dns,omitempty"`
 }
 
 // initEnvd hands the restored guest its sandbox: token, env vars, default
@@ -414,6 +419,7 @@ func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec Sandbo
 		EnvVars: spec.EnvVars, AccessToken: spec.AccessToken,
 		DefaultUser: cmp.Or(spec.DefaultUser, defaultUser),
 		Entropy:     make([]byte, 64),
+		DNS:         m.dns,
 	}
 	if spec.DefaultWorkdir != "" {
 		body.DefaultWorkdir = &spec.DefaultWorkdir

@@ -608,3 +608,18 @@ func TestVMExitIsReaped(t *testing.T) {
 		t.Errorf("the next sandbox is at %s, want the freed slot's %s", next.Host, info.Host)
 	}
 }
+
+// The node's nameservers reach the guest's /etc/resolv.conf and the E2B
+// identity files exist (no DNS query is sent: the address is a documentation one).
+func TestSandboxResolvConfAndIdentityFiles(t *testing.T) {
+	m := newManager(t, node.Config{DNS: []string{"198.51.100.53"}})
+	s := spec("dns-a")
+	s.EnvVars = map[string]string{"E2B_SANDBOX_ID": "dns-a", "E2B_SANDBOX": "true"}
+	info := create(t, m, s)
+	if out := run(t, info, "cat /etc/resolv.conf"); !strings.Contains(out, "nameserver 198.51.100.53\n") {
+		t.Errorf("/etc/resolv.conf = %q, want the node's nameserver", out)
+	}
+	if out := run(t, info, "cat /run/e2b/.E2B_SANDBOX_ID"); out != "dns-a" {
+		t.Errorf("/run/e2b/.E2B_SANDBOX_ID = %q, want dns-a", out)
+	}
+}

@@ -32,6 +32,7 @@ type Config struct {
 	MaxLifetime      time.Duration // per sandbox, from its start
 	NodeMaxSandboxes int           // on this host; 0 = derived from memory
 	BootstrapAPIKey  string        // fixes the first API key (e2b_ + 40 hex)
+	SandboxDNS       []string      // nameservers for sandboxes' /etc/resolv.conf
 	DebianMirror     string
 }
 
@@ -63,8 +64,28 @@ func (c *Config) Validate() error {
 	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
 		return fmt.Errorf("sandbox limits cannot be negative")
 	}
+	for _, ns := range c.SandboxDNS {
+		if a, err := netip.ParseAddr(ns); err != nil || a.IsLoopback() {
+			return fmt.Errorf("--sandbox-dns %q is not a nameserver address a sandbox can reach (an IP, not loopback)", ns)
+		}
+	}
 	if c.Domain != "" && strings.ContainsAny(c.Domain, "/: ") {
 		return fmt.Errorf("--domain %q must be a bare DNS name such as sbx.example.com", c.Domain)
 	}
 	return nil
+}
+
+// HostNameservers are the non-loopback nameservers of the host's resolv.conf:
+// a sandbox cannot reach the host's own (loopback) resolver.
+func HostNameservers(resolvConf string) []string {
+	var out []string
+	for _, line := range strings.Split(resolvConf, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 2 && f[0] == "nameserver" {
+			if a, err := netip.ParseAddr(f[1]); err == nil && !a.IsLoopback() && !a.IsUnspecified() {
+				out = append(out, a.String())
+			}
+		}
+	}
+	return out
 }

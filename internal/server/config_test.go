@@ -40,3 +40,18 @@ func TestConfigValidate(t *testing.T) {
 		})
 	}
 }
+
+func TestHostNameservers(t *testing.T) {
+	conf := "# comment\nnameserver 127.0.0.53\nnameserver 10.255.255.53\nsearch example\nnameserver ::1\nnameserver 2001:db8::53\nnameserver bogus\n"
+	got := strings.Join(HostNameservers(conf), ",")
+	if want := "10.255.255.53,2001:db8::53"; got != want {
+		t.Fatalf("HostNameservers = %q, want %q", got, want)
+	}
+}
+
+func TestConfigRejectsLoopbackDNS(t *testing.T) {
+	cfg := Config{DataDir: "/d", TLS: "off", VMAccel: "auto", MaxLifetime: time.Hour, SandboxDNS: []string{"127.0.0.53"}}
+	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "--sandbox-dns") {
+		t.Fatalf("Validate = %v, want a --sandbox-dns error", err)
+	}
+}

@@ -69,7 +69,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	}
 	mgr, err := node.NewManager(ctx, node.Config{
 		ID: nodeID(), DataDir: cfg.DataDir, Runtime: rt, SlotRange: cfg.SlotRange,
-		MaxSandboxes: cfg.NodeMaxSandboxes, Log: log.With("role", "node"),
+		MaxSandboxes: cfg.NodeMaxSandboxes, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
