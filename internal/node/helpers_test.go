@@ -23,7 +23,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -37,6 +36,7 @@ import (
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
 	"github.com/warren-sh/warren/internal/template"
 )
 
@@ -93,37 +93,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// reapLeftovers kills the QEMUs of earlier node test binaries that died
-// without their cleanups and removes their state roots; a root whose test
-// binary still runs is left alone.
-func reapLeftovers() {
-	dead := func(owner string) bool {
-		pid, err := strconv.Atoi(owner)
-		return err == nil && syscall.Kill(pid, 0) != nil
-	}
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil || !bytes.HasPrefix(b, []byte(microvm.Binary+"\x00")) {
-			continue
-		}
-		if _, rest, ok := strings.Cut(string(b), "/"+vmsPrefix); ok {
-			if owner, _, _ := strings.Cut(rest, "-"); dead(owner) {
-				syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-	}
-	roots, _ := filepath.Glob(filepath.Join(cacheDir, vmsPrefix+"*"))
-	for _, r := range roots {
-		if owner, _, _ := strings.Cut(strings.TrimPrefix(filepath.Base(r), vmsPrefix), "-"); dead(owner) {
-			os.RemoveAll(r)
-		}
-	}
-}
+// reapLeftovers cleans up after earlier node test binaries that died without
+// their cleanups.
+func reapLeftovers() { microvmtest.ReapLeftovers(cacheDir, vmsPrefix) }
 
 func requireRoot(t testing.TB) {
 	t.Helper()

@@ -28,7 +28,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -42,6 +41,7 @@ import (
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
 )
 
 // kernelCache keeps the ~100 MB unpacked kernel between test runs.
@@ -73,38 +73,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// reapLeftovers kills the QEMUs of earlier test binaries that died without
-// their cleanups (a timeout panic): QEMU runs in a session of its own and
-// outlives its starter on purpose. Only QEMUs whose work directory's test
-// process is gone are killed, by pid.
-func reapLeftovers() {
-	procs, _ := os.ReadDir("/proc")
-	for _, p := range procs {
-		pid, err := strconv.Atoi(p.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if err != nil || !bytes.HasPrefix(b, []byte(microvm.Binary+"\x00")) {
-			continue
-		}
-		_, rest, ok := strings.Cut(string(b), "/"+workPrefix)
-		if !ok {
-			continue
-		}
-		owner, _, _ := strings.Cut(rest, "-")
-		if o, err := strconv.Atoi(owner); err == nil && syscall.Kill(o, 0) != nil {
-			syscall.Kill(pid, syscall.SIGKILL)
-		}
-	}
-	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), workPrefix+"*"))
-	for _, d := range dirs {
-		owner, _, _ := strings.Cut(strings.TrimPrefix(filepath.Base(d), workPrefix), "-")
-		if o, err := strconv.Atoi(owner); err == nil && syscall.Kill(o, 0) != nil {
-			os.RemoveAll(d)
-		}
-	}
-}
+// reapLeftovers cleans up after earlier test binaries that died without
+// their cleanups (a timeout panic).
+func reapLeftovers() { microvmtest.ReapLeftovers(os.TempDir(), workPrefix) }
 
 // requireHost stops the test unless it can boot VMs: root, and the tools.
 func requireHost(t testing.TB) {
