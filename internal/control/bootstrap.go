@@ -24,7 +24,7 @@ type TeamLimits struct {
 // Bootstrap makes sure the store has the default team and at least one API
 // key. On an empty store it creates both and returns the new key's text (the
 // only time it exists outside the caller); fixedKey, when set, is that key.
-// limits apply when the team is created; later calls return "" and change nothing.
+// Every call sets the default team's limits; later calls return "" for the key.
 func Bootstrap(ctx context.Context, st store.Store, limits TeamLimits, fixedKey string) (team *store.Team, newKey string, err error) {
 	if fixedKey != "" && !apikey.Valid(fixedKey) {
 		return nil, "", fmt.Errorf("bootstrap API key %q is not of the form e2b_ + 40 lowercase hex characters", fixedKey)
@@ -39,6 +39,12 @@ func Bootstrap(ctx context.Context, st store.Store, limits TeamLimits, fixedKey 
 	}
 	if err != nil {
 		return nil, "", fmt.Errorf("default team: %w", err)
+	}
+	if team.MaxSandboxes != limits.MaxSandboxes || team.MaxLifetime != limits.MaxLifetime {
+		if err := st.UpdateTeamLimits(ctx, team.ID, limits.MaxSandboxes, limits.MaxLifetime); err != nil {
+			return nil, "", err
+		}
+		team.MaxSandboxes, team.MaxLifetime = limits.MaxSandboxes, limits.MaxLifetime
 	}
 	keys, err := st.ListAPIKeys(ctx, team.ID)
 	if err != nil {

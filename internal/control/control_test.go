@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warren-sh/warren/internal/apikey"
 	"github.com/warren-sh/warren/internal/control"
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/store"
@@ -415,5 +416,30 @@ func TestExpiredSandboxIsGoneBeforeEviction(t *testing.T) {
 	}
 	if !f.node.isRunning("sb1") {
 		t.Error("nothing but the evictor may kill it")
+	}
+}
+
+func TestBootstrap(t *testing.T) {
+	f := newFixture(t)
+	ctx := context.Background()
+	const fixed = "e2b_0123456789abcdef0123456789abcdef01234567"
+	team, key, err := control.Bootstrap(ctx, f.store, control.TeamLimits{MaxSandboxes: 3, MaxLifetime: time.Hour}, fixed)
+	must(t, err)
+	if key != fixed || team.ID != control.DefaultTeamID || team.MaxSandboxes != 3 {
+		t.Fatalf("first bootstrap: team %+v key %q", team, key)
+	}
+	if k, err := f.store.APIKeyByHash(ctx, apikey.Hash(fixed)); err != nil || k.TeamID != team.ID {
+		t.Fatalf("the fixed key is not stored for the team: %v, %v", k, err)
+	}
+	// A restart with other flags: no new key, the limits follow the flags.
+	team, key, err = control.Bootstrap(ctx, f.store, control.TeamLimits{MaxSandboxes: 9, MaxLifetime: 2 * time.Hour}, "")
+	must(t, err)
+	stored, err := f.store.GetTeam(ctx, control.DefaultTeamID)
+	must(t, err)
+	if key != "" || stored.MaxSandboxes != 9 || stored.MaxLifetime != 2*time.Hour || team.MaxSandboxes != 9 {
+		t.Fatalf("second bootstrap: key %q, stored team %+v", key, stored)
+	}
+	if _, _, err := control.Bootstrap(ctx, f.store, control.TeamLimits{}, "not-a-key"); err == nil {
+		t.Fatal("a malformed fixed key was accepted")
 	}
 }

@@ -184,6 +184,8 @@ type Store interface {
 	GetTeam(ctx context.Context, id string) (*Team, error)
 	// ListTeams returns every team, oldest first.
 	ListTeams(ctx context.Context) ([]*Team, error)
+	// UpdateTeamLimits writes a team's MaxSandboxes and MaxLifetime.
+	UpdateTeamLimits(ctx context.Context, id string, maxSandboxes int, maxLifetime time.Duration) error
 
 	// CreateAPIKey stores a key of an existing team; ErrConflict if its ID or
 	// Hash is taken.

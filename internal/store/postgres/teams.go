@@ -53,6 +53,16 @@ func (s *Store) ListTeams(ctx context.Context) ([]*store.Team, error) {
 	return teams, nil
 }
 
+// UpdateTeamLimits writes a team's limits.
+func (s *Store) UpdateTeamLimits(ctx context.Context, id string, maxSandboxes int, maxLifetime time.Duration) error {
+	err := exactlyOne(s.pool.Exec(ctx, `UPDATE teams SET max_sandboxes = $1, max_lifetime_ns = $2 WHERE id = $3`,
+		maxSandboxes, int64(maxLifetime), id))
+	if err != nil {
+		return fmt.Errorf("update team %s limits: %w", id, err)
+	}
+	return nil
+}
+
 // CreateAPIKey stores a key.
 func (s *Store) CreateAPIKey(ctx context.Context, k *store.APIKey) error {
 	column.NormalizeAPIKey(k)

@@ -53,6 +53,19 @@ func (s *Store) ListTeams(ctx context.Context) ([]*store.Team, error) {
 	return teams, nil
 }
 
+// UpdateTeamLimits writes a team's limits.
+func (s *Store) UpdateTeamLimits(ctx context.Context, id string, maxSandboxes int, maxLifetime time.Duration) error {
+	res, err := s.write.ExecContext(ctx, `UPDATE teams SET max_sandboxes = ?, max_lifetime_ns = ? WHERE id = ?`,
+		maxSandboxes, int64(maxLifetime), id)
+	if err == nil {
+		err = exactlyOne(res)
+	}
+	if err != nil {
+		return fmt.Errorf("update team %s limits: %w", id, err)
+	}
+	return nil
+}
+
 // CreateAPIKey stores a key.
 func (s *Store) CreateAPIKey(ctx context.Context, k *store.APIKey) error {
 	column.NormalizeAPIKey(k)

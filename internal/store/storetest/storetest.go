@@ -142,6 +142,13 @@ func testTeams(t *testing.T, s store.Store) {
 	teams, err := s.ListTeams(ctx)
 	must(t, "list teams", err)
 	same(t, "teams, oldest first", teams, []*store.Team{a, b})
+
+	must(t, "update limits", s.UpdateTeamLimits(ctx, "team-b", 7, 90*time.Minute))
+	got, err = s.GetTeam(ctx, "team-b")
+	must(t, "get team b", err)
+	b.MaxSandboxes, b.MaxLifetime = 7, 90*time.Minute
+	same(t, "team b after UpdateTeamLimits", got, b)
+	wantErr(t, "update limits of a missing team", s.UpdateTeamLimits(ctx, "nope", 1, time.Hour), store.ErrNotFound)
 }
 
 func testAPIKeys(t *testing.T, s store.Store) {
