@@ -7,13 +7,17 @@ ENVD_FLAGS := CGO_ENABLED=0
 VERSION := $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X github.com/warren-sh/warren/internal/version.Version=$(VERSION)
 
-.PHONY: all setup build generate test test-go test-compat up clean bench
+.PHONY: all setup setup-test build generate test test-go test-compat up clean bench
 
 all: build
 
-## setup: install the host packages and tools warren and its tests need (Debian, run as root).
+## setup: install the host packages warren needs (Debian, run as root).
 setup:
 	./scripts/setup.sh
+
+## setup-test: also what the tests need (Node.js >= 20.18.1 and npm, PostgreSQL, busybox-static...).
+setup-test:
+	./scripts/setup.sh --test
 
 ## build: bin/warren (host binary) and bin/envd (static guest agent).
 build:
@@ -33,7 +37,7 @@ generate:
 	  $$(cd proto && find * -name '*.proto' | sort)
 
 ## test: every test: Go unit and integration tests, then the npm SDK compatibility tests.
-test: build test-go test-compat
+test: setup-test build test-go test-compat
 
 test-go:
 	$(GO) vet ./...

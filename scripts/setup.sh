@@ -7,6 +7,18 @@ set -euo pipefail
 GO_MIN=1.26
 NODE_MIN=20.18.1 # npm e2b 2.51.0 engines: >=20.18.1 <21 || >=22
 
+# --test also sets up what the tests need beyond running warren: Node.js and npm
+# for the SDK compatibility tests. `make up` runs without it, `.ci/run` with it.
+with_tests=false
+case "${1:-}" in
+--test) with_tests=true ;;
+"") ;;
+*)
+	echo "usage: $0 [--test]" >&2
+	exit 2
+	;;
+esac
+
 say() { echo "setup: $*"; }
 die() {
 	echo "setup: $*" >&2
@@ -21,25 +33,31 @@ installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q '^install 
 [[ $EUID -eq 0 ]] || die "run as root (it installs Debian packages)"
 command -v apt-get >/dev/null || die "apt-get not found: this script supports Debian 12"
 
-# Packages the build and tests need:
+# Packages the build and warren need:
 #   make, git        build (Makefile, version stamp)
 #   protobuf-compiler  make generate
 #   ca-certificates  Go module proxy and npm registry over TLS
-#   passwd           useradd, for the test account `user`
-#   coreutils, bash, procps  commands the tests run inside envd (stty, tty, whoami, sleep, pkill)
 #   qemu-system-x86, qemu-utils  the microVM runtime (QEMU microvm machine, qemu-img overlays)
 #   debootstrap, e2fsprogs       the Debian base template (rootfs tree → ext4 with mkfs.ext4 -d, debugfs)
-#   busybox-static               tiny root images in the VM boot tests
-#   iproute2, nftables           network slots (the code uses netlink/nftables directly; ip/nft for diagnosis and tests)
-#   postgresql                   the Postgres store's tests start a private server with its binaries
-want=(make git protobuf-compiler ca-certificates passwd coreutils bash procps
-	qemu-system-x86 qemu-utils debootstrap e2fsprogs busybox-static iproute2 nftables postgresql)
+#   iproute2, nftables           network slots (the code uses netlink/nftables directly; ip/nft for diagnosis)
+want=(make git protobuf-compiler ca-certificates qemu-system-x86 qemu-utils debootstrap e2fsprogs iproute2 nftables)
+# and with --test, what the tests need too:
+#   passwd           useradd, for the test account `user`
+#   coreutils, bash, procps  commands the tests run inside envd (stty, tty, whoami, sleep, pkill)
+#   busybox-static   tiny root images in the VM boot tests
+#   postgresql       the Postgres store's tests start a private server with its binaries
+if [[ $with_tests == true ]]; then
+	want+=(passwd coreutils bash procps busybox-static postgresql)
+fi
 
 # Node.js: the SDK tests need >= $NODE_MIN. Debian 12's nodejs (18) is too old,
 # so it is only installed from apt when the configured repositories offer a
 # new enough version (for example NodeSource's, which bundles npm).
-node_ok=false
-if command -v node >/dev/null && version_ge "$(node --version | tr -d v)" "$NODE_MIN"; then
+node_ok=true
+if [[ $with_tests == true ]]; then
+	node_ok=false
+fi
+if [[ $with_tests == true ]] && command -v node >/dev/null && version_ge "$(node --version | tr -d v)" "$NODE_MIN"; then
 	node_ok=true
 	say "node $(node --version) present"
 fi
@@ -73,11 +91,13 @@ else
 fi
 
 # npm ships with NodeSource's nodejs; Debian's own nodejs needs the npm package.
-if ! command -v npm >/dev/null; then
-	say "apt-get install npm"
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+if [[ $with_tests == true ]]; then
+	if ! command -v npm >/dev/null; then
+		say "apt-get install npm"
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends npm
+	fi
+	say "npm $(npm --version) present"
 fi
-say "npm $(npm --version) present"
 
 # Go >= $GO_MIN: from PATH or the usual /usr/local/go.
 go_bin=$(command -v go || true)
