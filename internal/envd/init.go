@@ -71,7 +71,9 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if req.DefaultUser != nil && *req.DefaultUser != "" {
+	// A restored clone's /init names the user the template already has: no
+	// need to read the user database again on the create path.
+	if req.DefaultUser != nil && *req.DefaultUser != "" && *req.DefaultUser != s.state.DefaultUser() {
 		if _, err := identity.Lookup(*req.DefaultUser); err != nil {
 			reply.Error(w, http.StatusBadRequest, "defaultUser: %v", err)
 			return
