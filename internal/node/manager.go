@@ -224,9 +224,6 @@ func reapLeftovers(ctx context.Context, rt runtime.Runtime, log *slog.Logger) er
 // ID names the node.
 func (m *Manager) ID() string { return m.id }
 
-// MaxSandboxes is the number of sandboxes the node runs at most.
-func (m *Manager) MaxSandboxes() int { return m.max }
-
 // Slots is the node's network slot pool. Template builds on this host borrow
 // slots from it: there is one pool per host.
 func (m *Manager) Slots() *netns.Pool { return m.slots }
