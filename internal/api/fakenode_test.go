@@ -2,6 +2,7 @@ package api_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -140,3 +141,15 @@ func (n *fakeNode) set(fn func(n *fakeNode)) {
 	defer n.mu.Unlock()
 	fn(n)
 }
+
+func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.PausedSandbox, error) {
+	return nil, errors.New("fake node: no pause")
+}
+
+func (n *fakeNode) DeletePaused(ctx context.Context, key string) error { return nil }
+
+func (n *fakeNode) Snapshot(ctx context.Context, id, key string) (string, error) {
+	return "", errors.New("fake node: no snapshots")
+}
+
+func (n *fakeNode) DeleteSnapshot(ctx context.Context, key string) error { return nil }

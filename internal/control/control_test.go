@@ -443,3 +443,15 @@ func TestBootstrap(t *testing.T) {
 		t.Fatal("a malformed fixed key was accepted")
 	}
 }
+
+func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.PausedSandbox, error) {
+	return nil, errors.New("fake node: no pause")
+}
+
+func (n *fakeNode) DeletePaused(ctx context.Context, key string) error { return nil }
+
+func (n *fakeNode) Snapshot(ctx context.Context, id, key string) (string, error) {
+	return "", errors.New("fake node: no snapshots")
+}
+
+func (n *fakeNode) DeleteSnapshot(ctx context.Context, key string) error { return nil }

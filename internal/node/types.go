@@ -41,6 +41,11 @@ type SandboxSpec struct {
 	DefaultUser    string
 	DefaultWorkdir string
 	AllowInternet  bool
+	// Resume, when set, starts the sandbox from what Pause saved (the key
+	// PausedSandbox.Key) instead of from the template's snapshot: the same
+	// sandbox, its memory, disk and processes. The saved state is consumed:
+	// the node removes it once the sandbox runs again.
+	Resume string
 }
 
 // SandboxInfo is a sandbox as the node sees it.
@@ -81,6 +86,32 @@ type Node interface {
 	Stats(ctx context.Context, id string) (*Stats, error)
 	// Logs returns a sandbox's boot and agent log lines.
 	Logs(ctx context.Context, id string) ([]LogLine, error)
+
+	// Pause saves a running sandbox (with memory: its RAM, device state and
+	// disk; without: its disk only, after the guest synced its file systems)
+	// into the node's blob storage, then stops it and frees its slot and
+	// memory. Create with SandboxSpec.Resume = the returned Key brings it back.
+	Pause(ctx context.Context, id string, memory bool) (*PausedSandbox, error)
+	// DeletePaused removes what Pause saved under key; no error if it is gone.
+	DeletePaused(ctx context.Context, key string) error
+	// Snapshot saves a copy of a running sandbox, which keeps running, as a
+	// template artifact in the node's blob storage under key: a
+	// SandboxSpec.Artifact that new sandboxes start from (named snapshots,
+	// fork). It returns the artifact's location for SandboxSpec.Artifact.
+	Snapshot(ctx context.Context, id, key string) (artifact string, err error)
+	// DeleteSnapshot removes a snapshot Snapshot wrote; no error if it is gone.
+	DeleteSnapshot(ctx context.Context, key string) error
+}
+
+// PausedSandbox is what Pause saved.
+type PausedSandbox struct {
+	// Key locates the saved state in the node's blob storage.
+	Key string
+	// Memory tells whether the RAM was saved (false: a resume boots the
+	// template's kernel on the saved disk).
+	Memory bool
+	// Bytes is the disk the saved state takes.
+	Bytes int64
 }
 
 // LogLine is one line of a sandbox's log.
