@@ -93,8 +93,16 @@ type Artifact struct {
 	// CPUs and MemoryMiB size every sandbox of the build.
 	CPUs      int `json:"cpus"`
 	MemoryMiB int `json:"memoryMiB"`
-	// Inputs is what BuildID hashes.
+	// Inputs is what BuildID hashes (the base template's build).
 	Inputs BaseInputs `json:"inputs"`
+	// Env, User and Workdir are the template's defaults for its sandboxes
+	// (ENV, USER and WORKDIR steps); empty: E2B's (user `user`, its home).
+	// A sandbox's own env vars win over Env.
+	Env     map[string]string `json:"env,omitempty"`
+	User    string            `json:"user,omitempty"`
+	Workdir string            `json:"workdir,omitempty"`
+	// StartCmd is the command the snapshot holds running, if any.
+	StartCmd string `json:"startCmd,omitempty"`
 	// BuiltAt is when the build finished; BootToHealth and SnapshotTime how
 	// long its VM took to boot until envd answered, and to be saved.
 	BuiltAt      time.Time `json:"builtAt"`
