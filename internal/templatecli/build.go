@@ -72,7 +72,12 @@ func (c *Client) Build(ctx context.Context, o BuildOptions) (*BuildResult, error
 		interval = 200 * time.Millisecond
 	}
 	start := time.Now()
-	ignore, err := ReadDockerignore(o.ContextDir)
+	// Absolute, as the SDK's paths: "/..." ignore patterns match them.
+	dir, err := filepath.Abs(o.ContextDir)
+	if err != nil {
+		return nil, err
+	}
+	ignore, err := ReadDockerignore(dir)
 	if err != nil {
 		return nil, fmt.Errorf("read .dockerignore: %w", err)
 	}
@@ -82,7 +87,7 @@ func (c *Client) Build(ctx context.Context, o BuildOptions) (*BuildResult, error
 		if s.Type != "COPY" || len(s.Args) < 2 {
 			continue
 		}
-		if spec.Steps[i].FilesHash, err = FilesHash(o.ContextDir, s.Args[0], s.Args[1], ignore); err != nil {
+		if spec.Steps[i].FilesHash, err = FilesHash(dir, s.Args[0], s.Args[1], ignore); err != nil {
 			return nil, fmt.Errorf("step %d (%s): %w", i+1, s, err)
 		}
 	}
@@ -99,7 +104,7 @@ func (c *Client) Build(ctx context.Context, o BuildOptions) (*BuildResult, error
 			continue
 		}
 		uploaded[s.FilesHash] = true
-		if err := c.uploadFiles(ctx, created.TemplateID, s, o.ContextDir, ignore, out); err != nil {
+		if err := c.uploadFiles(ctx, created.TemplateID, s, dir, ignore, out); err != nil {
 			return nil, err
 		}
 	}
@@ -154,10 +159,13 @@ func (c *Client) uploadFiles(ctx context.Context, templateID string, s Step, dir
 	if err != nil {
 		return fmt.Errorf("archive %s: %w", src, err)
 	}
+	info, err := os.Stat(archive)
+	if err != nil {
+		return err
+	}
 	if err := c.Upload(ctx, link, archive); err != nil {
 		return fmt.Errorf("%s: %w", src, err)
 	}
-	info, _ := os.Stat(archive)
 	fmt.Fprintf(out, "Uploaded '%s' (%d bytes)\n", src, info.Size())
 	return nil
 }
