@@ -239,10 +239,10 @@ func (s *Store) pruneRootfs() error {
 		if err == nil && keep[fs.Image.Digest] {
 			continue
 		}
+		// Its .lock file stays: another process may hold it.
 		if err := s.removeDir(dir); err != nil {
 			return fmt.Errorf("prune root image %s: %w", dir, err)
 		}
-		os.Remove(dir + ".lock")
 	}
 	return nil
 }

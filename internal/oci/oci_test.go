@@ -293,6 +293,9 @@ func TestRootImageContent(t *testing.T) {
 		if !regexp.MustCompile(`(?m)^user:!:\d+:0:99999:7:::$`).MatchString(shadow) || !strings.Contains(shadow, "appuser:!:19000") {
 			t.Errorf("/etc/shadow:\n%s", shadow)
 		}
+		if gs := debugfs(t, img, "cat /etc/gshadow"); gs != "root:*::\nappuser:!::\nsudo:*::user\nuser:!::\n" {
+			t.Errorf("/etc/gshadow = %q, want sudo and user entries added", gs)
+		}
 		if sh := stat(t, img, "/etc/shadow"); sh.Mode != 0o640 || sh.GID != 42 {
 			t.Errorf("/etc/shadow mode %o group %d, want the image's 640 and 42 kept", sh.Mode, sh.GID)
 		}

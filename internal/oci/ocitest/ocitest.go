@@ -157,6 +157,7 @@ func BusyboxImage(t testing.TB) v1.Image {
 		File("etc/group", "root:x:0:\nappuser:x:1000:\nnogroup:x:65534:\n", 0o644),
 		Entry{Path: "etc/shadow", Type: tar.TypeReg, Mode: 0o640, GID: 42,
 			Content: "root:*:19000:0:99999:7:::\nappuser:!:19000:0:99999:7:::\nnobody:*:19000:0:99999:7:::\n"},
+		Entry{Path: "etc/gshadow", Type: tar.TypeReg, Mode: 0o640, GID: 42, Content: "root:*::\nappuser:!::\n"},
 		Dir("etc/skel", 0o755),
 		File("etc/skel/.profile", "# skel profile\n", 0o644),
 		File("etc/doomed.txt", "deleted by the upper layer\n", 0o644),
