@@ -48,14 +48,17 @@ import (
 //	                                       source and every step up to it)
 //	templates/finals/<hash>.json           a finished build for a layer
 //	                                       chain, start and ready command
+//	templates/sources/<hash>.ext4          a link to a root image builds start
+//	                                       from (internal/oci's, which may go)
 //	templates/<template>/<build>/          the build's artifact: artifact.json
 //	                                       and snapshot/ (microvm layout)
 //
 // A build whose steps are all cached and whose final snapshot is cached too
 // hard-links that snapshot into its own artifact: no VM runs.
 const (
-	layersDir = "layers"
-	finalsDir = "finals"
+	layersDir  = "layers"
+	finalsDir  = "finals"
+	sourcesDir = "sources"
 	// buildRecipe versions how steps run: bump it when that changes, so
 	// cached layers made the old way are not reused.
 	buildRecipe = 1
@@ -117,7 +120,7 @@ func NewBuilder(cfg BuilderConfig) (*LocalBuilder, error) {
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	for _, d := range []string{layersDir, finalsDir} {
+	for _, d := range []string{layersDir, finalsDir, sourcesDir} {
 		if err := os.MkdirAll(filepath.Join(cfg.DataDir, "templates", d), 0o700); err != nil {
 			return nil, fmt.Errorf("template builder: %w", err)
 		}
@@ -234,12 +237,20 @@ func (bd *build) prepare() error {
 		start.Workdir = t.Workdir
 	case from.RootImage != "" && from.Template == nil:
 		base := bd.b.cfg.Base
-		bd.kernel, bd.initramfs, bd.disk = base.Kernel, base.Initramfs, from.RootImage
 		fi, err := os.Stat(from.RootImage)
 		if err != nil {
 			return &BuildError{Step: "base", Message: fmt.Sprintf("source image: %v", err)}
 		}
 		bd.sourceKey = fmt.Sprintf("image %s %d %s", from.RootImage, fi.Size(), fi.ModTime().UTC().Format(time.RFC3339Nano))
+		// Layers name their backing file by path: the image store may
+		// prune its file, so builds boot a link of their own.
+		disk := filepath.Join(bd.b.cfg.DataDir, "templates", sourcesDir, hashOf(bd.sourceKey)+".ext4")
+		if _, err := os.Stat(disk); err != nil {
+			if err := linkOrCopy(from.RootImage, disk); err != nil && !errors.Is(err, os.ErrExist) {
+				return &BuildError{Step: "base", Message: fmt.Sprintf("source image: %v", err)}
+			}
+		}
+		bd.kernel, bd.initramfs, bd.disk = base.Kernel, base.Initramfs, disk
 		start.Env = maps.Clone(from.Env)
 		start.User = cmpOr(from.User, defaultStepUser)
 		start.Workdir = from.Workdir
@@ -818,7 +829,10 @@ func (bd *build) finalize(ctx context.Context, g *guestClient, vm runtime.VM) er
 		}
 	}
 	bd.logf("finalize", "info", "ready")
-	if _, err := g.run(ctx, "root", "/", nil, "sync", nil); err != nil {
+	// E2B's marker of what a sandbox runs (TEMPLATES.md §4), then the disk
+	// settles for the snapshot.
+	marker := fmt.Sprintf("printf 'ENV_ID=%%s\\nTEMPLATE_ID=%%s\\nBUILD_ID=%%s\\n' %q %q %q > /.e2b; sync", req.TemplateID, req.TemplateID, req.BuildID)
+	if _, err := g.run(ctx, "root", "/", nil, marker, nil); err != nil {
 		return &BuildError{Step: "finalize", Message: fmt.Sprintf("sync the disk: %v", err)}
 	}
 	return nil

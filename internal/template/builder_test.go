@@ -21,6 +21,8 @@ import (
 	"github.com/warren-sh/warren/gen/process/processconnect"
 	"github.com/warren-sh/warren/internal/envd"
 	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/oci"
+	"github.com/warren-sh/warren/internal/oci/ocitest"
 	"github.com/warren-sh/warren/internal/template"
 )
 
@@ -60,7 +62,7 @@ func (l *buildLog) has(step, text string) bool {
 
 // writeContext writes a tar.gz of files (path → content; a trailing / is a
 // directory) as the SDK uploads a COPY step's files, and returns its path.
-func writeContext(t *testing.T, files map[string]string) string {
+func writeContext(t testing.TB, files map[string]string) string {
 	t.Helper()
 	p := filepath.Join(t.TempDir(), "files.tar.gz")
 	f, err := os.Create(p)
@@ -94,7 +96,7 @@ func writeContext(t *testing.T, files map[string]string) string {
 
 // newBuilder makes a builder with a data directory of its own (beside the
 // runtime's root, on the cache's file system), removed after the test.
-func newBuilder(t *testing.T, pool *netns.Pool, base *template.Artifact) (*template.LocalBuilder, string) {
+func newBuilder(t testing.TB, pool *netns.Pool, base *template.Artifact) (*template.LocalBuilder, string) {
 	t.Helper()
 	dataDir, err := os.MkdirTemp(cacheDir, ".test-builds-")
 	if err != nil {
@@ -169,6 +171,7 @@ func TestBuildSteps(t *testing.T) {
 			{"cat ~/who", "alice"},
 			{"curl -s localhost:8000/data.txt", "data from the context"},
 			{"pgrep -fx 'python3 -m http.server 8000' | wc -l", "1"},
+			{"cat /.e2b", "ENV_ID=tpltest\nTEMPLATE_ID=tpltest\nBUILD_ID=build-1"},
 		} {
 			if got := strings.TrimSpace(run(t, proc, token, tc.script)); got != tc.want {
 				t.Errorf("%q printed %q, want %q", tc.script, got, tc.want)
@@ -282,4 +285,47 @@ func restore(t *testing.T, pool *netns.Pool, a *template.Artifact) (processconne
 	}
 	resp.Body.Close()
 	return processconnect.NewProcessClient(client, url, connect.WithProtoJSON()), "tok"
+}
+
+// TestBuildFromImage builds from an OCI image the test makes (the Debian
+// base's tree plus a marker file) and imports into an image store.
+func TestBuildFromImage(t *testing.T) {
+	pool := newPool(t)
+	base := ensureBase(t, pool)
+	b, dataDir := newBuilder(t, pool, base)
+	archive := ocitest.DebianArchive(t, base.RootDisk, map[string]string{"/etc/compat-image.txt": "from the imported image\n"})
+	store := &oci.Store{Dir: filepath.Join(dataDir, "images")}
+	if _, err := store.Import(t.Context(), "debian-test:v1", archive); err != nil {
+		t.Fatal(err)
+	}
+	fs, err := store.RootImage(t.Context(), "debian-test:v1", envdBin, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var log buildLog
+	a, err := b.Build(t.Context(), template.BuildRequest{
+		BuildID: "image-1", TemplateID: "imgtest",
+		From:  template.Source{RootImage: fs.Path, Env: map[string]string{"FROM_IMAGE": "yes"}},
+		Steps: []template.Step{{Type: "RUN", Args: []string{"cp /etc/compat-image.txt /home/user/copied.txt"}}},
+		CPUs:  base.CPUs, MemoryMiB: base.MemoryMiB, Log: log.add,
+	})
+	t.Logf("build log:\n%s", log.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The image store may prune its root image: the template must not care.
+	if err := store.Remove("debian-test:v1"); err != nil {
+		t.Fatal(err)
+	}
+	proc, token := restore(t, pool, a)
+	for _, tc := range []struct{ script, want string }{
+		{"whoami", "user"},
+		{"cat ~/copied.txt", "from the imported image"},
+		{"echo $FROM_IMAGE", "yes"},
+		{"sudo -n id -u", "0"},
+	} {
+		if got := strings.TrimSpace(run(t, proc, token, tc.script)); got != tc.want {
+			t.Errorf("%q printed %q, want %q", tc.script, got, tc.want)
+		}
+	}
 }
