@@ -727,6 +727,8 @@ func TestBuildsInterruptedByRestart(t *testing.T) {
 			t.Errorf("log of the interrupted build = %+v, want the entries before the restart, then the failure", entries)
 		}
 	}
+	e.do("POST", "/v2/templates/waiting/builds/"+waiting.BuildID, keyA, `{"fromTemplate":"base"}`).
+		wantError(t, http.StatusBadRequest, "failed before it started (interrupted by a warren restart)")
 }
 
 // The JSON the fake builder's artifact writer produces must load as an

@@ -410,7 +410,10 @@ func (t *Templates) StartBuild(ctx context.Context, team *store.Team, templateRe
 	if err != nil {
 		return err
 	}
-	if b.Status != store.BuildWaiting || spec.Started {
+	switch {
+	case b.Status == store.BuildError && !spec.Started:
+		return errorf(Invalid, "Build '%s' failed before it started (%s); request a new build with POST /v3/templates", buildID, b.Reason)
+	case b.Status != store.BuildWaiting || spec.Started:
 		return errorf(Invalid, "Build '%s' was already started (status %s); request a new build with POST /v3/templates", buildID, b.Status)
 	}
 	switch {
