@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/netip"
@@ -330,7 +331,7 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	}
 	listening := time.Now().UTC()
 	base := "http://" + addr
-	version, err := m.initEnvd(ctx, base, a.InitSecret, spec)
+	version, err := m.initEnvd(ctx, base, a.InitSecret, withTemplateDefaults(spec, a))
 	if err != nil {
 		return withConsole(err, vm)
 	}
@@ -347,6 +348,20 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	}
 	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// withTemplateDefaults fills what spec leaves unset from the template's
+// build: its ENV (the sandbox's own env vars win), USER and WORKDIR.
+func withTemplateDefaults(spec SandboxSpec, a *template.Artifact) SandboxSpec {
+	if len(a.Env) > 0 {
+		env := make(map[string]string, len(a.Env)+len(spec.EnvVars))
+		maps.Copy(env, a.Env)
+		maps.Copy(env, spec.EnvVars)
+		spec.EnvVars = env
+	}
+	spec.DefaultUser = cmp.Or(spec.DefaultUser, a.User)
+	spec.DefaultWorkdir = cmp.Or(spec.DefaultWorkdir, a.Workdir)
+	return spec
 }
 
 // artifact loads (once) the template build in dir, relative to the data dir.

@@ -73,6 +73,10 @@ type Spec struct {
 	// Snapshot is a directory written by Runtime.Snapshot to restore instead
 	// of booting; empty for a cold boot.
 	Snapshot string
+	// Overlay, when set, is where the VM's copy-on-write disk overlay is
+	// made (it must not exist) instead of inside the VM's state directory.
+	// The runtime never removes it: a template build keeps it as a layer.
+	Overlay string
 	// Slot is the sandbox's network: the VM runs inside its namespace, on its
 	// tap, with its guest address and MAC (the same in every slot, so a
 	// snapshot restores in any slot).

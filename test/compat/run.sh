@@ -29,7 +29,7 @@ DOMAIN=warren.test
 stage_files() {
 	case $1 in
 	debug) printf '%s\n' *.test.mjs ;;
-	api) printf '%s\n' api/*.test.mjs commands.test.mjs files.test.mjs pty.test.mjs ;;
+	api) printf '%s\n' api/*.test.mjs templates/*.test.mjs commands.test.mjs files.test.mjs pty.test.mjs ;;
 	domain) printf '%s\n' domain/*.test.mjs ;;
 	esac
 }

@@ -192,6 +192,9 @@ type record struct {
 	Hardware hardware `json:"hardware"`
 	// Restored is the snapshot the VM was restored from; empty after a cold boot.
 	Restored string `json:"restored,omitempty"`
+	// Disk is the file the guest's disk writes go to when it is not the
+	// state directory's overlay: Spec.Overlay, then what SwitchDisk made.
+	Disk string `json:"disk,omitempty"`
 	// Args is QEMU's command line, for whoever debugs the VM.
 	Args []string `json:"args"`
 }
@@ -226,6 +229,9 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (_ runtime.VM, e
 				err = withLogTail(err, v.path(qemuLogFile))
 			}
 			os.RemoveAll(dir)
+			if spec.Overlay != "" && !errors.Is(err, errOverlayExists) {
+				os.Remove(spec.Overlay)
+			}
 		}
 	}()
 
@@ -238,6 +244,9 @@ func (r *Runtime) Start(ctx context.Context, spec runtime.Spec) (_ runtime.VM, e
 		return nil, err
 	}
 	v.rec = record{ID: spec.ID, Netns: spec.Slot.Name, Hardware: hw, Restored: spec.Snapshot, Args: args}
+	if spec.Overlay != "" {
+		v.rec.Disk = m.RootDisk
+	}
 	if err := writeJSON(v.path(recordFile), v.rec); err != nil {
 		return nil, err
 	}
@@ -296,6 +305,16 @@ func (r *Runtime) machine(spec runtime.Spec, dir string) (Machine, hardware, err
 		MAC:        spec.Slot.GuestMAC,
 		QMPSocket:  filepath.Join(dir, qmpFile),
 		SerialLog:  filepath.Join(dir, serialFile),
+	}
+	if spec.Overlay != "" {
+		abs, err := filepath.Abs(spec.Overlay)
+		if err != nil {
+			return m, hardware{}, err
+		}
+		if _, err := os.Lstat(abs); err == nil {
+			return m, hardware{}, fmt.Errorf("%w: %s", errOverlayExists, abs)
+		}
+		m.RootDisk = abs
 	}
 	if spec.Snapshot != "" {
 		snap, err := r.checkSnapshot(spec)

@@ -145,6 +145,8 @@ func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err 
 		return errors.New("the VM was restored from a snapshot; snapshotting a restored VM (pause/resume) is not supported yet")
 	case v.exited():
 		return errors.New("QEMU has exited")
+	case v.diskPath() != v.path(overlayFile):
+		return fmt.Errorf("the VM writes to %s, outside its state directory; SwitchDisk(\"\") first", v.diskPath())
 	}
 	if dir, err = filepath.Abs(dir); err != nil {
 		return err
@@ -204,8 +206,8 @@ func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err 
 	}
 	moved = true
 	v.snapshotted = true
-	for from, to := range map[string]string{memFile: snapMemFile, overlayFile: snapDiskFile} {
-		if err := os.Rename(v.path(from), filepath.Join(tmp, to)); err != nil {
+	for from, to := range map[string]string{v.path(memFile): snapMemFile, v.diskPath(): snapDiskFile} {
+		if err := os.Rename(from, filepath.Join(tmp, to)); err != nil {
 			if errors.Is(err, syscall.EXDEV) {
 				return fmt.Errorf("move %s: the snapshot directory must be on the file system of the runtime's root %s", from, r.root)
 			}
