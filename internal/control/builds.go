@@ -801,9 +801,12 @@ func (t *Templates) absDataPath(p string) string {
 func (t *Templates) finishReady(ctx context.Context, b *store.Build, spec buildSpec, a *template.Artifact) error {
 	now := time.Now().UTC()
 	b.Status, b.UpdatedAt, b.FinishedAt = store.BuildReady, now, &now
+	// Relative to the data dir, as the node resolves it (and the base's is).
 	b.Artifact = a.Dir
-	if rel, err := filepath.Rel(t.cfg.DataDir, a.Dir); err == nil && filepath.IsLocal(rel) {
-		b.Artifact = rel
+	if dir, err := filepath.Abs(a.Dir); err == nil {
+		if rel, err := filepath.Rel(t.cfg.DataDir, dir); err == nil && filepath.IsLocal(rel) {
+			b.Artifact = rel
+		}
 	}
 	if a.CPUs > 0 {
 		b.CPUCount = a.CPUs
