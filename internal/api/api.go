@@ -28,7 +28,10 @@ type Config struct {
 	// for host routing); empty reports null and clients keep their own.
 	Domain string
 	// MaxBodyBytes caps request bodies (default 1 MiB); larger ones get 413.
+	// Uploads have their own limit (control.TemplatesConfig.MaxUploadBytes).
 	MaxBodyBytes int64
+	// Templates runs template builds; nil answers their routes 503.
+	Templates *control.Templates
 }
 
 // defaultMaxBodyBytes is far above any create body (metadata and env vars of
@@ -49,6 +52,8 @@ type server struct {
 
 	touchMu sync.Mutex
 	touched map[string]time.Time // API key ID → last recorded use
+
+	ownBody map[string]bool // mux patterns of routes that limit their own body
 }
 
 // New returns the E2B REST API handler.
@@ -61,10 +66,13 @@ func New(cfg Config) http.Handler {
 	}
 	s := &server{
 		cfg: cfg, control: cfg.Control, store: cfg.Store, log: cfg.Log,
-		mux: http.NewServeMux(), touched: map[string]time.Time{},
+		mux: http.NewServeMux(), touched: map[string]time.Time{}, ownBody: map[string]bool{},
 	}
 	for _, rt := range routes() {
 		s.mux.Handle(rt.muxPattern(), s.wrap(rt))
+		if rt.ownBody {
+			s.ownBody[rt.muxPattern()] = true
+		}
 	}
 	return s
 }
@@ -78,14 +86,17 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 		return
 	}
-	if r.ContentLength > s.cfg.MaxBodyBytes {
-		writeError(w, http.StatusRequestEntityTooLarge, tooLargeMessage(s.cfg.MaxBodyBytes))
-		return
+	h, pattern := s.mux.Handler(r)
+	if !s.ownBody[pattern] {
+		if r.ContentLength > s.cfg.MaxBodyBytes {
+			writeError(w, http.StatusRequestEntityTooLarge, tooLargeMessage(s.cfg.MaxBodyBytes))
+			return
+		}
+		// Chunked bodies (the SDK's fetch streams them without Content-Length)
+		// are cut off here when they grow too large.
+		r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
 	}
-	// Chunked bodies (the SDK's fetch streams them without Content-Length)
-	// are cut off here when they grow too large.
-	r.Body = http.MaxBytesReader(w, r.Body, s.cfg.MaxBodyBytes)
-	if h, pattern := s.mux.Handler(r); pattern == "" {
+	if pattern == "" {
 		// No route: h is the mux's 404, 405 (with Allow) or redirect.
 		rec := &headerRecorder{header: http.Header{}}
 		h.ServeHTTP(rec, r)

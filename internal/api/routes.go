@@ -17,6 +17,9 @@ type route struct {
 	// pattern, when set, is the ServeMux pattern used instead of path (see
 	// templateTagsPattern).
 	pattern string
+	// ownBody routes read their body themselves, with their own size limit
+	// (uploads), instead of Config.MaxBodyBytes.
+	ownBody bool
 }
 
 // handlerFunc serves one authenticated request; team is nil on public routes.
@@ -63,6 +66,18 @@ func routes() []route {
 		{method: "GET", path: "/templates/{templateID}", handle: (*server).getTemplate},
 		{method: "GET", path: "/templates/aliases/{alias}", handle: (*server).templateByAlias},
 		{method: "GET", path: "/templates/{templateID}/tags", pattern: templateTagsPattern, handle: (*server).templateTags},
+
+		// Template builds and tags (builds.go).
+		{method: "POST", path: "/v3/templates", handle: (*server).createTemplateV3},
+		{method: "GET", path: "/templates/{templateID}/files/{hash}", handle: (*server).templateFiles},
+		{method: "PUT", path: uploadPath, public: true, ownBody: true, handle: (*server).uploadBuildFiles},
+		{method: "POST", path: "/v2/templates/{templateID}/builds/{buildID}", handle: (*server).startBuildV2},
+		{method: "GET", path: "/templates/{templateID}/builds/{buildID}/status", handle: (*server).buildStatus},
+		{method: "GET", path: "/templates/{templateID}/builds/{buildID}/logs", handle: (*server).buildLogs},
+		{method: "POST", path: "/templates/tags", handle: (*server).assignTags},
+		{method: "DELETE", path: "/templates/tags", handle: (*server).removeTags},
+		{method: "DELETE", path: "/templates/{templateID}", handle: (*server).deleteTemplate},
+		{method: "PATCH", path: "/v2/templates/{templateID}", handle: (*server).updateTemplateV2},
 
 		{method: "GET", path: "/teams", handle: (*server).listTeams},
 		{method: "GET", path: "/api-keys", handle: (*server).listAPIKeys},

@@ -34,6 +34,12 @@ type Config struct {
 	BootstrapAPIKey  string        // fixes the first API key (e2b_ + 40 hex)
 	SandboxDNS       []string      // nameservers for sandboxes' /etc/resolv.conf
 	DebianMirror     string
+	// BuildConcurrency is how many template builds run at once; the rest
+	// wait (0 = 1).
+	BuildConcurrency int
+	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
+	// control.DefaultMaxUploadBytes).
+	MaxUploadBytes int64
 }
 
 // TLS modes.
@@ -60,6 +66,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxLifetime <= 0 {
 		return fmt.Errorf("--max-sandbox-lifetime must be positive, got %s", c.MaxLifetime)
+	}
+	if c.BuildConcurrency < 0 || c.MaxUploadBytes < 0 {
+		return fmt.Errorf("--build-concurrency and --max-upload-mb cannot be negative")
 	}
 	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
 		return fmt.Errorf("sandbox limits cannot be negative")

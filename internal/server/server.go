@@ -84,9 +84,19 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		Store: st, Node: mgr, Catalog: catalog.NewMemory(), Log: log.With("role", "control"),
 		OnGone: func(id string) { px.Abort(id) },
 	})
+	// Before the API serves: it fails the builds a previous run left unfinished.
+	// TODO(lead): wire the template.Builder and the internal/oci ImageResolver;
+	// until then builds end with "template builds are not available".
+	tpl, err := control.NewTemplates(ctx, control.TemplatesConfig{
+		Store: st, DataDir: cfg.DataDir, Concurrency: cfg.BuildConcurrency, MaxUploadBytes: cfg.MaxUploadBytes,
+		Log: log.With("role", "builds"),
+	})
+	if err != nil {
+		return err
+	}
 	px = proxy.New(proxy.Config{Router: router{ctl}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
 	defer px.Close()
-	handler := px.Wrap(api.New(api.Config{Control: ctl, Store: st, Log: log.With("role", "api"), Domain: cfg.Domain}))
+	handler := px.Wrap(api.New(api.Config{Control: ctl, Templates: tpl, Store: st, Log: log.With("role", "api"), Domain: cfg.Domain}))
 
 	tlsConfig, caPath, err := listenerTLS(cfg)
 	if err != nil {
@@ -112,6 +122,11 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	defer stop()
 	ctlDone := make(chan error, 1)
 	go func() { ctlDone <- ctl.Run(runCtx) }()
+	buildsDone := make(chan struct{})
+	go func() {
+		defer close(buildsDone)
+		tpl.Run(runCtx)
+	}()
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
 
@@ -132,6 +147,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	srv.Shutdown(shutdownCtx)
+	<-buildsDone // builds in flight were cancelled by stop() and record their end
 	killAll(shutdownCtx, st, ctl, team, log)
 	return runErr
 }

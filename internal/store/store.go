@@ -100,8 +100,14 @@ type Build struct {
 	EnvdVersion string
 	// Artifact locates the build's root image and snapshot in blob storage
 	// (opaque to the store).
-	Artifact   string
-	Reason     string // why a failed build failed
+	Artifact string
+	// Reason says why a failed build failed, ReasonStep in which step
+	// ("base", "1".."n", "finalize"; TEMPLATES.md step 4).
+	Reason     string
+	ReasonStep string
+	// Spec is what was asked of the build (JSON, opaque to the store):
+	// its steps, source, start and ready commands and tags.
+	Spec       string
 	CreatedAt  time.Time
 	UpdatedAt  time.Time
 	FinishedAt *time.Time
@@ -231,6 +237,9 @@ type Store interface {
 	UpdateBuild(ctx context.Context, b *Build) error
 	// ListBuilds returns a template's builds, newest first.
 	ListBuilds(ctx context.Context, templateID string) ([]*Build, error)
+	// ListBuildsByStatus returns every template's builds in one of the
+	// statuses, oldest first (at start, to find builds a restart cut short).
+	ListBuildsByStatus(ctx context.Context, statuses ...BuildStatus) ([]*Build, error)
 
 	// SetTag points templateID:tag at a build of that template (replacing
 	// any earlier target and its CreatedAt).

@@ -150,10 +150,10 @@ func (s *Store) CreateBuild(ctx context.Context, b *store.Build) error {
 	column.NormalizeBuild(b)
 	_, err := s.pool.Exec(ctx, `
 		INSERT INTO builds (id, template_id, status, cpu_count, memory_mb, disk_size_mb, envd_version,
-			artifact, reason, created_at, updated_at, finished_at)
-		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)`,
+			artifact, reason, reason_step, spec, created_at, updated_at, finished_at)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)`,
 		b.ID, b.TemplateID, string(b.Status), b.CPUCount, b.MemoryMB, b.DiskSizeMB, b.EnvdVersion,
-		b.Artifact, b.Reason, timeArg(b.CreatedAt), timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt))
+		b.Artifact, b.Reason, b.ReasonStep, b.Spec, timeArg(b.CreatedAt), timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt))
 	if err != nil {
 		return fmt.Errorf("create build %s of template %s: %w", b.ID, b.TemplateID, classify(err))
 	}
@@ -161,12 +161,12 @@ func (s *Store) CreateBuild(ctx context.Context, b *store.Build) error {
 }
 
 const buildColumns = `id, template_id, status, cpu_count, memory_mb, disk_size_mb, envd_version,
-	artifact, reason, created_at, updated_at, finished_at`
+	artifact, reason, reason_step, spec, created_at, updated_at, finished_at`
 
 func scanBuild(r scanner) (*store.Build, error) {
 	var b store.Build
 	err := r.Scan(&b.ID, &b.TemplateID, &b.Status, &b.CPUCount, &b.MemoryMB, &b.DiskSizeMB, &b.EnvdVersion,
-		&b.Artifact, &b.Reason, timeCol{&b.CreatedAt}, timeCol{&b.UpdatedAt}, timePtrCol{&b.FinishedAt})
+		&b.Artifact, &b.Reason, &b.ReasonStep, &b.Spec, timeCol{&b.CreatedAt}, timeCol{&b.UpdatedAt}, timePtrCol{&b.FinishedAt})
 	if err != nil {
 		return nil, err
 	}
@@ -187,10 +187,10 @@ func (s *Store) UpdateBuild(ctx context.Context, b *store.Build) error {
 	column.NormalizeBuild(b)
 	err := exactlyOne(s.pool.Exec(ctx, `
 		UPDATE builds SET status = $1, cpu_count = $2, memory_mb = $3, disk_size_mb = $4, envd_version = $5,
-			artifact = $6, reason = $7, updated_at = $8, finished_at = $9
-		WHERE id = $10`,
+			artifact = $6, reason = $7, reason_step = $8, spec = $9, updated_at = $10, finished_at = $11
+		WHERE id = $12`,
 		string(b.Status), b.CPUCount, b.MemoryMB, b.DiskSizeMB, b.EnvdVersion,
-		b.Artifact, b.Reason, timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt), b.ID))
+		b.Artifact, b.Reason, b.ReasonStep, b.Spec, timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt), b.ID))
 	if err != nil {
 		return fmt.Errorf("update build %s: %w", b.ID, err)
 	}
@@ -204,6 +204,25 @@ func (s *Store) ListBuilds(ctx context.Context, templateID string) ([]*store.Bui
 	builds, err := collect(rows, err, scanBuild)
 	if err != nil {
 		return nil, fmt.Errorf("list builds of template %s: %w", templateID, err)
+	}
+	return builds, nil
+}
+
+// ListBuildsByStatus returns every template's builds in one of the statuses,
+// oldest first.
+func (s *Store) ListBuildsByStatus(ctx context.Context, statuses ...store.BuildStatus) ([]*store.Build, error) {
+	if len(statuses) == 0 {
+		return nil, nil
+	}
+	names := make([]string, len(statuses))
+	for i, st := range statuses {
+		names[i] = string(st)
+	}
+	rows, err := s.pool.Query(ctx, `SELECT `+buildColumns+` FROM builds
+		WHERE status = ANY($1) ORDER BY created_at, id`, names)
+	builds, err := collect(rows, err, scanBuild)
+	if err != nil {
+		return nil, fmt.Errorf("list builds by status %v: %w", statuses, err)
 	}
 	return builds, nil
 }

@@ -5,6 +5,7 @@ import (
 	"database/sql"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/warren-sh/warren/internal/store"
@@ -161,10 +162,10 @@ func (s *Store) CreateBuild(ctx context.Context, b *store.Build) error {
 	column.NormalizeBuild(b)
 	_, err := s.write.ExecContext(ctx, `
 		INSERT INTO builds (id, template_id, status, cpu_count, memory_mb, disk_size_mb, envd_version,
-			artifact, reason, created_at, updated_at, finished_at)
-		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+			artifact, reason, reason_step, spec, created_at, updated_at, finished_at)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		b.ID, b.TemplateID, string(b.Status), b.CPUCount, b.MemoryMB, b.DiskSizeMB, b.EnvdVersion,
-		b.Artifact, b.Reason, timeArg(b.CreatedAt), timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt))
+		b.Artifact, b.Reason, b.ReasonStep, b.Spec, timeArg(b.CreatedAt), timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt))
 	if err != nil {
 		return fmt.Errorf("create build %s of template %s: %w", b.ID, b.TemplateID, classify(err))
 	}
@@ -172,12 +173,12 @@ func (s *Store) CreateBuild(ctx context.Context, b *store.Build) error {
 }
 
 const buildColumns = `id, template_id, status, cpu_count, memory_mb, disk_size_mb, envd_version,
-	artifact, reason, created_at, updated_at, finished_at`
+	artifact, reason, reason_step, spec, created_at, updated_at, finished_at`
 
 func scanBuild(r scanner) (*store.Build, error) {
 	var b store.Build
 	err := r.Scan(&b.ID, &b.TemplateID, &b.Status, &b.CPUCount, &b.MemoryMB, &b.DiskSizeMB, &b.EnvdVersion,
-		&b.Artifact, &b.Reason, timeCol{&b.CreatedAt}, timeCol{&b.UpdatedAt}, timePtrCol{&b.FinishedAt})
+		&b.Artifact, &b.Reason, &b.ReasonStep, &b.Spec, timeCol{&b.CreatedAt}, timeCol{&b.UpdatedAt}, timePtrCol{&b.FinishedAt})
 	if err != nil {
 		return nil, err
 	}
@@ -198,10 +199,10 @@ func (s *Store) UpdateBuild(ctx context.Context, b *store.Build) error {
 	column.NormalizeBuild(b)
 	res, err := s.write.ExecContext(ctx, `
 		UPDATE builds SET status = ?, cpu_count = ?, memory_mb = ?, disk_size_mb = ?, envd_version = ?,
-			artifact = ?, reason = ?, updated_at = ?, finished_at = ?
+			artifact = ?, reason = ?, reason_step = ?, spec = ?, updated_at = ?, finished_at = ?
 		WHERE id = ?`,
 		string(b.Status), b.CPUCount, b.MemoryMB, b.DiskSizeMB, b.EnvdVersion,
-		b.Artifact, b.Reason, timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt), b.ID)
+		b.Artifact, b.Reason, b.ReasonStep, b.Spec, timeArg(b.UpdatedAt), timePtrArg(b.FinishedAt), b.ID)
 	if err == nil {
 		err = exactlyOne(res)
 	}
@@ -218,6 +219,26 @@ func (s *Store) ListBuilds(ctx context.Context, templateID string) ([]*store.Bui
 	builds, err := collect(rows, err, scanBuild)
 	if err != nil {
 		return nil, fmt.Errorf("list builds of template %s: %w", templateID, err)
+	}
+	return builds, nil
+}
+
+// ListBuildsByStatus returns every template's builds in one of the statuses,
+// oldest first.
+func (s *Store) ListBuildsByStatus(ctx context.Context, statuses ...store.BuildStatus) ([]*store.Build, error) {
+	if len(statuses) == 0 {
+		return nil, nil
+	}
+	marks := strings.TrimSuffix(strings.Repeat("?, ", len(statuses)), ", ")
+	args := make([]any, len(statuses))
+	for i, st := range statuses {
+		args[i] = string(st)
+	}
+	rows, err := s.read.QueryContext(ctx, `SELECT `+buildColumns+` FROM builds
+		WHERE status IN (`+marks+`) ORDER BY created_at, id`, args...)
+	builds, err := collect(rows, err, scanBuild)
+	if err != nil {
+		return nil, fmt.Errorf("list builds by status %v: %w", statuses, err)
 	}
 	return builds, nil
 }

@@ -34,6 +34,7 @@ func Run(t *testing.T, open Open) {
 		{"RecordSpawnConcurrent", testRecordSpawnConcurrent},
 		{"Aliases", testAliases},
 		{"Builds", testBuilds},
+		{"BuildsByStatus", testBuildsByStatus},
 		{"Tags", testTags},
 		{"DeleteTemplateCascades", testDeleteTemplateCascades},
 		{"Sandboxes", testSandboxes},
@@ -366,6 +367,8 @@ func testBuilds(t *testing.T, s store.Store) {
 	failed := *recent
 	failed.Status = store.BuildError
 	failed.Reason = "step 3: exit status 1"
+	failed.ReasonStep = "3"
+	failed.Spec = `{"steps":[{"type":"RUN","args":["false"]}]}`
 	must(t, "update build to error", s.UpdateBuild(ctx, &failed))
 	got, err = s.GetBuild(ctx, "b-new")
 	must(t, "get failed build", err)
@@ -373,6 +376,31 @@ func testBuilds(t *testing.T, s store.Store) {
 
 	wantErr(t, "update missing build", s.UpdateBuild(ctx, &store.Build{ID: "nope", Status: store.BuildReady}),
 		store.ErrNotFound)
+}
+
+func testBuildsByStatus(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	newTeam(t, s, "a")
+	newTemplate(t, s, "t1", "a")
+	newTemplate(t, s, "t2", "a")
+	waiting := newBuild(t, s, "b-waiting", "t2", t0.Add(time.Second))
+	building := newBuild(t, s, "b-building", "t1", t0.Add(2*time.Second))
+	building.Status = store.BuildBuilding
+	building.Spec = `{"fromTemplate":"base"}`
+	must(t, "update build", s.UpdateBuild(ctx, building))
+	ready := newBuild(t, s, "b-ready", "t1", t0)
+	ready.Status = store.BuildReady
+	must(t, "update build", s.UpdateBuild(ctx, ready))
+
+	list, err := s.ListBuildsByStatus(ctx, store.BuildWaiting, store.BuildBuilding)
+	must(t, "list unfinished builds", err)
+	same(t, "unfinished builds, oldest first", list, []*store.Build{waiting, building})
+	list, err = s.ListBuildsByStatus(ctx, store.BuildReady)
+	must(t, "list ready builds", err)
+	same(t, "ready builds", list, []*store.Build{ready})
+	list, err = s.ListBuildsByStatus(ctx, store.BuildError)
+	must(t, "list failed builds", err)
+	same(t, "failed builds", len(list), 0)
 }
 
 func testTags(t *testing.T, s store.Store) {
