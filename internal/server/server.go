@@ -28,6 +28,7 @@ import (
 	"github.com/warren-sh/warren/internal/control"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/node"
+	"github.com/warren-sh/warren/internal/oci"
 	"github.com/warren-sh/warren/internal/proxy"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
 	"github.com/warren-sh/warren/internal/store"
@@ -75,9 +76,18 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		return fmt.Errorf("node: %w", err)
 	}
 	defer mgr.Close()
-	if err := ensureBase(ctx, cfg, rt, mgr.Slots(), st, out); err != nil {
+	base, err := ensureBase(ctx, cfg, rt, mgr.Slots(), st, out)
+	if err != nil {
 		return err
 	}
+	builder, err := template.NewBuilder(template.BuilderConfig{
+		DataDir: cfg.DataDir, Runtime: rt, Slots: mgr.Slots(), Base: base, DNS: cfg.SandboxDNS,
+		Log: log.With("role", "builder"),
+	})
+	if err != nil {
+		return err
+	}
+	images := imageResolver{store: &oci.Store{Dir: filepath.Join(cfg.DataDir, "images"), Log: log.With("role", "images")}, envd: cfg.Envd}
 
 	var px *proxy.Proxy
 	ctl := control.New(control.Config{
@@ -85,10 +95,9 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		OnGone: func(id string) { px.Abort(id) },
 	})
 	// Before the API serves: it fails the builds a previous run left unfinished.
-	// TODO(lead): wire the template.Builder and the internal/oci ImageResolver;
-	// until then builds end with "template builds are not available".
 	tpl, err := control.NewTemplates(ctx, control.TemplatesConfig{
 		Store: st, DataDir: cfg.DataDir, Concurrency: cfg.BuildConcurrency, MaxUploadBytes: cfg.MaxUploadBytes,
+		Builder: builder, Images: images,
 		Log: log.With("role", "builds"),
 	})
 	if err != nil {
@@ -169,22 +178,50 @@ func openStore(ctx context.Context, cfg Config) (store.Store, error) {
 
 // ensureBase builds the base template on first need (minutes, with progress)
 // and registers it in the store.
-func ensureBase(ctx context.Context, cfg Config, rt *microvm.Runtime, slots *netns.Pool, st store.Store, out io.Writer) error {
+func ensureBase(ctx context.Context, cfg Config, rt *microvm.Runtime, slots *netns.Pool, st store.Store, out io.Writer) (*template.Artifact, error) {
 	fmt.Fprintln(out, "warren: making sure the base template exists (the first time takes several minutes)")
 	art, err := template.EnsureBase(ctx, cfg.DataDir, template.BaseOptions{
 		Envd: cfg.Envd, Runtime: rt, Slots: slots, Mirror: cfg.DebianMirror, Progress: prefixWriter{out, "warren: base: "},
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	var diskMB int
 	if fi, err := os.Stat(art.RootDisk); err == nil {
 		diskMB = int(fi.Size() >> 20)
 	}
-	return control.EnsureBaseTemplate(ctx, st, control.BaseBuild{
+	err = control.EnsureBaseTemplate(ctx, st, control.BaseBuild{
 		Key: art.BuildID, Artifact: art.Dir, CPUCount: art.CPUs, MemoryMB: art.MemoryMiB,
 		DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
 	})
+	return art, err
+}
+
+// imageResolver serves template builds' fromImage from warren's image store
+// (internal/oci), which pulls what it does not hold.
+type imageResolver struct {
+	store *oci.Store
+	envd  string
+}
+
+func (r imageResolver) RootImage(ctx context.Context, ref string, creds *control.RegistryCredentials) (string, control.ImageMeta, error) {
+	var c *oci.Credentials
+	if creds != nil {
+		c = &oci.Credentials{Type: creds.Type, Username: creds.Username, Password: creds.Password}
+	}
+	fs, err := r.store.RootImage(ctx, ref, r.envd, c)
+	if err != nil {
+		return "", control.ImageMeta{}, err
+	}
+	// The image's USER is not taken: E2B templates run as `user`, which
+	// provisioning made; a numeric or image-specific user would not be.
+	meta := control.ImageMeta{Env: map[string]string{}, Workdir: fs.Image.WorkingDir}
+	for _, kv := range fs.Image.Env {
+		if k, v, ok := strings.Cut(kv, "="); ok {
+			meta.Env[k] = v
+		}
+	}
+	return fs.Path, meta, nil
 }
 
 func listenerTLS(cfg Config) (*tls.Config, string, error) {
