@@ -1,6 +1,7 @@
 package control
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"time"
@@ -100,10 +101,13 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 func (c *Controller) settle(ctx context.Context, id string, state store.SandboxState, route *catalog.Route) {
 	c.log.Warn("settling a sandbox caught in transition by a restart", "sandbox", id, "state", state)
 	_, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
-		s.State = state
-		if state == store.StateRunning {
-			s.Paused = nil
+		if state == store.StateRunning && s.State == store.StateResuming {
+			// The resume happened but was not recorded: record it now, with
+			// the lifetime the sandbox was created with.
+			now := time.Now().UTC()
+			s.Paused, s.StartedAt, s.EndAt = nil, now, now.Add(cmp.Or(s.Timeout, defaultResumeTimeout))
 		}
+		s.State = state
 		return nil
 	})
 	if err != nil {
