@@ -9,7 +9,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
 )
 
 // detail is the part of SandboxDetail the pause tests read.
@@ -546,4 +545,3 @@ func TestConcurrentPauseConnectKill(t *testing.T) {
 		t.Errorf("saved state left behind: %v", keys)
 	}
 }
-
