@@ -147,11 +147,20 @@ func TestConcurrentConnectsShareOneResume(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 	close(gate)
+	created := 0
 	for range clients {
-		res := <-answers
-		if res.status != http.StatusCreated {
-			t.Errorf("connect = %d %s, want 201", res.status, res.body)
+		// 201 for the connects that waited for the resume; one that a slow
+		// goroutine sent after it finds the sandbox running: 200.
+		switch res := <-answers; res.status {
+		case http.StatusCreated:
+			created++
+		case http.StatusOK:
+		default:
+			t.Errorf("connect = %d %s, want 201 (or 200)", res.status, res.body)
 		}
+	}
+	if created == 0 {
+		t.Error("no connect answered 201")
 	}
 	if n := e.node.resumeCount(id); n != 1 {
 		t.Errorf("node resumes = %d, want exactly 1", n)

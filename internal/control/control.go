@@ -54,7 +54,11 @@ type Controller struct {
 	mu       sync.Mutex
 	creating map[string]int           // team ID → creates in flight, for the concurrency limit
 	resuming map[string]*resumeFlight // sandbox ID → the one resume in flight
-	busy     map[string]string        // sandbox ID → snapshot or fork in progress ("snapshotted", "forked")
+
+	// busyMu guards busy. It is read inside store transactions, so it is
+	// never held across a store call (mu is, in reserve).
+	busyMu sync.Mutex
+	busy   map[string]string // sandbox ID → snapshot or fork in progress ("snapshotted", "forked")
 
 	// work tracks the goroutines the controller starts (evictor pauses,
 	// resumes that outlive the request that asked); Run waits for them.

@@ -418,23 +418,23 @@ func (c *Controller) AutoResume(ctx context.Context, id string) (*Route, error) 
 
 // busyWith names the snapshot or fork in progress on a sandbox, if any.
 func (c *Controller) busyWith(id string) string {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.busyMu.Lock()
+	defer c.busyMu.Unlock()
 	return c.busy[id]
 }
 
 // claim marks a sandbox busy with op (a snapshot or fork, which copy it
 // while it runs) until release; a pause or another copy meanwhile is refused.
 func (c *Controller) claim(id, op string) (release func(), err error) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+	c.busyMu.Lock()
+	defer c.busyMu.Unlock()
 	if cur := c.busy[id]; cur != "" {
 		return nil, errorf(Conflict, "Sandbox %q is being %s; try again when that is done", id, cur)
 	}
 	c.busy[id] = op
 	return func() {
-		c.mu.Lock()
-		defer c.mu.Unlock()
+		c.busyMu.Lock()
+		defer c.busyMu.Unlock()
 		delete(c.busy, id)
 	}, nil
 }
