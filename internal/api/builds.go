@@ -369,19 +369,6 @@ func (s *server) removeTags(w http.ResponseWriter, r *http.Request, team *store.
 	return nil
 }
 
-// deleteTemplate deletes a template of the team (204).
-func (s *server) deleteTemplate(w http.ResponseWriter, r *http.Request, team *store.Team) error {
-	tpl, err := s.templates()
-	if err != nil {
-		return err
-	}
-	if err := tpl.DeleteTemplate(r.Context(), team, r.PathValue("templateID")); err != nil {
-		return err
-	}
-	writeEmpty(w, http.StatusNoContent)
-	return nil
-}
-
 // updateTemplateV2 makes a template public or private (CLI `template publish`).
 func (s *server) updateTemplateV2(w http.ResponseWriter, r *http.Request, team *store.Team) error {
 	tpl, err := s.templates()

@@ -7,6 +7,7 @@ import (
 	"math"
 	"net/http"
 	"strconv"
+	"time"
 
 	"github.com/warren-sh/warren/internal/control"
 )
@@ -42,6 +43,18 @@ func writeError(w http.ResponseWriter, status int, message string) {
 // controller's kinds map to their statuses, unexpected errors are logged and
 // answered 500 without their details.
 func (s *server) writeFailure(w http.ResponseWriter, r *http.Request, err error) {
+	body, retryAfter := s.failureBody(r, err)
+	if retryAfter > 0 {
+		// The SDK retries a 429 only when Retry-After is whole seconds.
+		w.Header().Set("Retry-After", strconv.Itoa(max(1, int(math.Ceil(retryAfter.Seconds())))))
+	}
+	writeJSON(w, body.Code, body)
+}
+
+// failureBody is the error body (with code = the HTTP status) for a handler
+// error, and how long a rate-limited client should wait. Fork results carry
+// the same bodies per fork.
+func (s *server) failureBody(r *http.Request, err error) (errorBody, time.Duration) {
 	var (
 		ce *control.Error
 		ae *apiError
@@ -49,9 +62,9 @@ func (s *server) writeFailure(w http.ResponseWriter, r *http.Request, err error)
 	)
 	switch {
 	case errors.As(err, &ae):
-		writeError(w, ae.status, ae.message)
+		return errorBody{Code: ae.status, Message: ae.message}, 0
 	case errors.As(err, &me):
-		writeError(w, http.StatusRequestEntityTooLarge, tooLargeMessage(me.Limit))
+		return errorBody{Code: http.StatusRequestEntityTooLarge, Message: tooLargeMessage(me.Limit)}, 0
 	case errors.As(err, &ce):
 		body := errorBody{Message: ce.Message}
 		switch ce.Kind {
@@ -63,9 +76,7 @@ func (s *server) writeFailure(w http.ResponseWriter, r *http.Request, err error)
 			body.Code = http.StatusConflict
 		case control.LimitReached:
 			body.Code = http.StatusTooManyRequests
-			// The SDK retries a 429 only when Retry-After is whole seconds.
-			secs := max(1, int(math.Ceil(ce.RetryAfter.Seconds())))
-			w.Header().Set("Retry-After", strconv.Itoa(secs))
+			return body, max(ce.RetryAfter, time.Second)
 		case control.Unavailable:
 			body.Code = http.StatusServiceUnavailable
 			body.ErrorCode = "sandbox_capacity_unavailable"
@@ -73,12 +84,12 @@ func (s *server) writeFailure(w http.ResponseWriter, r *http.Request, err error)
 			s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
 			body.Code, body.ErrorCode = http.StatusInternalServerError, "internal_server_error"
 		}
-		writeJSON(w, body.Code, body)
+		return body, 0
 	default:
 		s.log.Error("request failed", "method", r.Method, "path", r.URL.Path, "err", err)
-		writeJSON(w, http.StatusInternalServerError, errorBody{
+		return errorBody{
 			Code: http.StatusInternalServerError, Message: "Internal server error", ErrorCode: "internal_server_error",
-		})
+		}, 0
 	}
 }
 

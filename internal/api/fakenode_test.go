@@ -2,8 +2,9 @@ package api_test
 
 import (
 	"context"
-	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -27,10 +28,23 @@ type fakeNode struct {
 	createGate chan struct{}
 	// createStarted receives a value when a Create begins waiting at the gate.
 	createStarted chan struct{}
+
+	// pauseGate and pauseStarted do the same for Pause: a slow save.
+	pauseGate    chan struct{}
+	pauseStarted chan struct{}
+
+	pauses           []pauseCall
+	saved            map[string]*node.SandboxInfo // by key: what Pause saved
+	deletedPaused    []string
+	snapshots        map[string]string // key → source sandbox
+	deletedSnapshots []string
 }
 
 func newFakeNode() *fakeNode {
-	return &fakeNode{running: map[string]*node.SandboxInfo{}, kills: map[string]int{}, logs: map[string][]node.LogLine{}}
+	return &fakeNode{
+		running: map[string]*node.SandboxInfo{}, kills: map[string]int{}, logs: map[string][]node.LogLine{},
+		saved: map[string]*node.SandboxInfo{}, snapshots: map[string]string{},
+	}
 }
 
 func (n *fakeNode) ID() string { return "node-test" }
@@ -58,6 +72,13 @@ func (n *fakeNode) Create(ctx context.Context, spec node.SandboxSpec) (*node.San
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	if spec.Resume != "" {
+		// A resume consumes what Pause saved, as the real node does.
+		if _, ok := n.saved[spec.Resume]; !ok {
+			return nil, fmt.Errorf("resume %s: no saved state %q", spec.ID, spec.Resume)
+		}
+		delete(n.saved, spec.Resume)
+	}
 	n.running[spec.ID] = info
 	return info, nil
 }
@@ -142,14 +163,91 @@ func (n *fakeNode) set(fn func(n *fakeNode)) {
 	fn(n)
 }
 
+// Pause saves a running sandbox: it stops running and its spec is kept
+// under a key until a Create with Resume = key brings it back.
 func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.PausedSandbox, error) {
-	return nil, errors.New("fake node: no pause")
+	n.mu.Lock()
+	gate, started := n.pauseGate, n.pauseStarted
+	n.mu.Unlock()
+	if gate != nil {
+		if started != nil {
+			started <- struct{}{}
+		}
+		select {
+		case <-gate:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	info, ok := n.running[id]
+	if !ok {
+		return nil, fmt.Errorf("pause %s: %w", id, node.ErrNotFound)
+	}
+	delete(n.running, id)
+	n.pauses = append(n.pauses, pauseCall{id: id, memory: memory})
+	key := fmt.Sprintf("paused/%s/%d", id, len(n.pauses))
+	n.saved[key] = info
+	return &node.PausedSandbox{Key: key, Memory: memory, Bytes: 4096}, nil
 }
 
-func (n *fakeNode) DeletePaused(ctx context.Context, key string) error { return nil }
+func (n *fakeNode) DeletePaused(ctx context.Context, key string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.saved, key)
+	n.deletedPaused = append(n.deletedPaused, key)
+	return nil
+}
 
+// Snapshot records a copy of a running sandbox under key; its artifact is
+// "artifact:" + key.
 func (n *fakeNode) Snapshot(ctx context.Context, id, key string) (string, error) {
-	return "", errors.New("fake node: no snapshots")
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.running[id]; !ok {
+		return "", fmt.Errorf("snapshot %s: %w", id, node.ErrNotFound)
+	}
+	n.snapshots[key] = id
+	return "artifact:" + key, nil
 }
 
-func (n *fakeNode) DeleteSnapshot(ctx context.Context, key string) error { return nil }
+func (n *fakeNode) DeleteSnapshot(ctx context.Context, key string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.snapshots, key)
+	n.deletedSnapshots = append(n.deletedSnapshots, key)
+	return nil
+}
+
+// pauseCall is one Pause the node was asked for.
+type pauseCall struct {
+	id     string
+	memory bool
+}
+
+// resumeCount is how many Creates resumed id from saved state.
+func (n *fakeNode) resumeCount(id string) int {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	c := 0
+	for _, sp := range n.specs {
+		if sp.ID == id && sp.Resume != "" {
+			c++
+		}
+	}
+	return c
+}
+
+// savedKeys is the keys of what Pause saved and no one consumed or deleted.
+func (n *fakeNode) savedKeys() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Sorted(maps.Keys(n.saved))
+}
+
+func (n *fakeNode) snapshotKeys() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Sorted(maps.Keys(n.snapshots))
+}

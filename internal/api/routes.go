@@ -56,6 +56,11 @@ func routes() []route {
 		{method: "POST", path: "/sandboxes/{sandboxID}/refreshes", handle: (*server).refresh},
 		{method: "POST", path: "/sandboxes/{sandboxID}/connect", handle: (*server).connectV1},
 		{method: "POST", path: "/v2/sandboxes/{sandboxID}/connect", handle: (*server).connectV2},
+		{method: "POST", path: "/sandboxes/{sandboxID}/pause", handle: (*server).pauseSandbox},
+		{method: "POST", path: "/sandboxes/{sandboxID}/resume", handle: (*server).resumeSandbox},
+		{method: "POST", path: "/sandboxes/{sandboxID}/fork", handle: (*server).forkSandbox},
+		{method: "POST", path: "/sandboxes/{sandboxID}/snapshots", handle: (*server).createSnapshot},
+		{method: "GET", path: "/snapshots", handle: (*server).listSnapshots},
 		{method: "GET", path: "/sandboxes/{sandboxID}/metrics", handle: (*server).sandboxMetrics},
 		{method: "GET", path: "/sandboxes/metrics", handle: (*server).batchMetrics},
 		{method: "GET", path: "/sandboxes/{sandboxID}/logs", handle: (*server).logsV1},
@@ -64,6 +69,7 @@ func routes() []route {
 		{method: "GET", path: "/templates", handle: (*server).listTemplatesV1},
 		{method: "GET", path: "/v2/templates", handle: (*server).listTemplatesV2},
 		{method: "GET", path: "/templates/{templateID}", handle: (*server).getTemplate},
+		{method: "DELETE", path: "/templates/{templateID}", handle: (*server).deleteTemplate},
 		{method: "GET", path: "/templates/aliases/{alias}", handle: (*server).templateByAlias},
 		{method: "GET", path: "/templates/{templateID}/tags", pattern: templateTagsPattern, handle: (*server).templateTags},
 
@@ -76,7 +82,6 @@ func routes() []route {
 		{method: "GET", path: "/templates/{templateID}/builds/{buildID}/logs", handle: (*server).buildLogs},
 		{method: "POST", path: "/templates/tags", handle: (*server).assignTags},
 		{method: "DELETE", path: "/templates/tags", handle: (*server).removeTags},
-		{method: "DELETE", path: "/templates/{templateID}", handle: (*server).deleteTemplate},
 		{method: "PATCH", path: "/v2/templates/{templateID}", handle: (*server).updateTemplateV2},
 
 		{method: "GET", path: "/teams", handle: (*server).listTeams},

@@ -121,9 +121,10 @@ func listed(sb *store.Sandbox) listedSandbox {
 	}
 }
 
-// publicState is the state E2B clients know: a pausing sandbox is paused.
+// publicState is the state E2B clients know: a sandbox on its way to or
+// from paused is paused until it runs again.
 func publicState(st store.SandboxState) string {
-	if st == store.StatePausing || st == store.StatePaused {
+	if st == store.StatePausing || st == store.StatePaused || st == store.StateResuming {
 		return "paused"
 	}
 	return "running"
@@ -167,6 +168,8 @@ func (b *newSandbox) createRequest(defaultTimeout int32) (control.CreateRequest,
 		EnvVars:       b.EnvVars,
 		AllowInternet: b.AllowInternetAccess == nil || *b.AllowInternetAccess,
 		AutoPause:     b.AutoPause != nil && *b.AutoPause,
+		// A memory snapshot unless the client asks for the disk only.
+		AutoPauseMemory: true,
 	}
 	if b.Timeout != nil {
 		req.Timeout = time.Duration(*b.Timeout) * time.Second
@@ -184,6 +187,7 @@ func (b *newSandbox) createRequest(defaultTimeout int32) (control.CreateRequest,
 		if !*b.AutoPauseMemory && req.AutoResume {
 			return req, badRequest("\"autoPauseMemory\": false cannot be combined with \"autoResume\": a filesystem-only snapshot is never resumed by traffic")
 		}
+		req.AutoPauseMemory = *b.AutoPauseMemory
 	}
 	if len(b.MCP) > 0 && string(b.MCP) != "null" && string(b.MCP) != "{}" {
 		return req, badRequest("Field \"mcp\" is not supported yet: warren has no MCP gateway")
@@ -269,7 +273,7 @@ func (s *server) listSandboxesV2(w http.ResponseWriter, r *http.Request, team *s
 					running = true
 					f.States = append(f.States, store.StateRunning)
 				case "paused":
-					f.States = append(f.States, store.StatePausing, store.StatePaused)
+					f.States = append(f.States, store.StatePausing, store.StatePaused, store.StateResuming)
 				default:
 					return badRequest("Query parameter \"state\" has %q: want a comma-separated list of running, paused", st)
 				}

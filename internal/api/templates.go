@@ -190,12 +190,15 @@ func utcPtr(t *time.Time) *time.Time {
 	return &u
 }
 
-// teamTemplates returns the team's own templates, oldest first.
+// teamTemplates returns the team's own templates, oldest first. Snapshots
+// are left out: GET /snapshots lists them (a snapshot is a template for
+// create, get and delete, not in template lists).
 func (s *server) teamTemplates(ctx context.Context, team *store.Team) ([]*store.Template, error) {
 	list, err := s.store.ListTemplates(ctx, team.ID, false)
 	if err != nil {
 		return nil, fmt.Errorf("list templates of team %s: %w", team.ID, err)
 	}
+	list = slices.DeleteFunc(list, func(t *store.Template) bool { return t.SourceSandboxID != "" })
 	slices.SortFunc(list, func(a, b *store.Template) int {
 		return cmp.Or(a.CreatedAt.Compare(b.CreatedAt), strings.Compare(a.ID, b.ID))
 	})

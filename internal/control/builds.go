@@ -858,11 +858,3 @@ func newUUID() (string, error) {
 	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:], nil
 }
 
-// newTemplateID returns 20 characters [a-z0-9] (REST.md §2).
-func newTemplateID() (string, error) {
-	id, err := newSandboxID() // "i" + 20 of the same alphabet
-	if err != nil {
-		return "", err
-	}
-	return id[1:], nil
-}

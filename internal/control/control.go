@@ -1,11 +1,14 @@
 // Package control is the sandbox lifecycle: it creates sandboxes on a node,
-// keeps their deadlines, kills them on time or on request, and reconciles what
-// the store says with what the node runs.
+// keeps their deadlines, kills or pauses them on time or on request, resumes
+// them, takes snapshots and forks, and reconciles what the store says with
+// what the node runs.
 //
 // A sandbox row is inserted only once its node reports it ready (so every
-// listed sandbox is usable) and moves running → killing → deleted. Every state
-// change goes through store.UpdateSandbox, so concurrent kills, timeouts and
-// connects see one consistent row. Pausing comes with snapshots.
+// listed sandbox is usable) and moves running → killing → deleted, or running
+// → pausing → paused → resuming → running. Every state change goes through
+// store.UpdateSandbox, so concurrent kills, timeouts, pauses and connects, even
+// from several processes, see one consistent row; the transitional states
+// (pausing, resuming, killing) tell everyone else to wait or refuse.
 package control
 
 import (
@@ -49,7 +52,17 @@ type Controller struct {
 	metrics *metricsRing
 
 	mu       sync.Mutex
-	creating map[string]int // team ID → creates in flight, for the concurrency limit
+	creating map[string]int           // team ID → creates in flight, for the concurrency limit
+	resuming map[string]*resumeFlight // sandbox ID → the one resume in flight
+
+	// busyMu guards busy. It is read inside store transactions, so it is
+	// never held across a store call (mu is, in reserve).
+	busyMu sync.Mutex
+	busy   map[string]string // sandbox ID → snapshot or fork in progress ("snapshotted", "forked")
+
+	// work tracks the goroutines the controller starts (evictor pauses,
+	// resumes that outlive the request that asked); Run waits for them.
+	work sync.WaitGroup
 
 	lastKillRetry time.Time // owned by the Run goroutine
 }
@@ -74,7 +87,7 @@ func New(cfg Config) *Controller {
 	return &Controller{
 		cfg: cfg, store: cfg.Store, node: cfg.Node, catalog: cfg.Catalog, log: cfg.Log,
 		metrics:  newMetricsRing(time.Hour),
-		creating: map[string]int{},
+		creating: map[string]int{}, resuming: map[string]*resumeFlight{}, busy: map[string]string{},
 	}
 }
 
@@ -85,22 +98,46 @@ type CreateRequest struct {
 	Metadata      map[string]string
 	EnvVars       map[string]string
 	AllowInternet bool
-	AutoPause     bool
-	AutoResume    bool
+	// AutoPause pauses instead of killing at the deadline; the pause saves
+	// memory too when AutoPauseMemory.
+	AutoPause       bool
+	AutoPauseMemory bool
+	AutoResume      bool
 }
 
 // Create starts a sandbox and returns it once its agent is ready.
 func (c *Controller) Create(ctx context.Context, team *store.Team, req CreateRequest) (*store.Sandbox, error) {
-	if req.Timeout <= 0 {
-		return nil, errorf(Invalid, "Timeout must be greater than 0")
-	}
-	if team.MaxLifetime > 0 && req.Timeout > team.MaxLifetime {
-		return nil, errorf(Invalid, "Timeout cannot be greater than %s", hours(team.MaxLifetime))
+	if err := checkTimeout(team, req.Timeout); err != nil {
+		return nil, err
 	}
 	resolved, err := c.ResolveTemplate(ctx, team, req.TemplateRef)
 	if err != nil {
 		return nil, err
 	}
+	return c.start(ctx, team, origin{templateID: resolved.Template.ID, alias: resolved.Alias, build: resolved.Build}, req)
+}
+
+// checkTimeout refuses a lifetime that is not positive or beyond the team's maximum.
+func checkTimeout(team *store.Team, d time.Duration) error {
+	if d <= 0 {
+		return errorf(Invalid, "Timeout must be greater than 0")
+	}
+	if team.MaxLifetime > 0 && d > team.MaxLifetime {
+		return errorf(Invalid, "Timeout cannot be greater than %s", hours(team.MaxLifetime))
+	}
+	return nil
+}
+
+// origin is what a new sandbox starts from: a template's build, or (fork) a
+// copy of a running sandbox recorded as its template's build.
+type origin struct {
+	templateID string
+	alias      string
+	build      *store.Build // Artifact is what the node restores
+}
+
+// start boots a sandbox from o and records it.
+func (c *Controller) start(ctx context.Context, team *store.Team, o origin, req CreateRequest) (*store.Sandbox, error) {
 	release, err := c.reserve(ctx, team)
 	if err != nil {
 		return nil, err
@@ -115,20 +152,11 @@ func (c *Controller) Create(ctx context.Context, team *store.Team, req CreateReq
 	if err != nil {
 		return nil, err
 	}
-	envVars := map[string]string{}
-	for k, v := range req.EnvVars {
-		envVars[k] = v
-	}
-	// Every process learns where it runs, as under E2B (ENVD.md §12).
-	envVars["E2B_SANDBOX"] = "true"
-	envVars["E2B_SANDBOX_ID"] = id
-	envVars["E2B_TEMPLATE_ID"] = resolved.Template.ID
-
-	b := resolved.Build
+	b := o.build
 	info, err := c.node.Create(ctx, node.SandboxSpec{
-		ID: id, TemplateID: resolved.Template.ID, BuildID: b.ID, Artifact: b.Artifact,
+		ID: id, TemplateID: o.templateID, BuildID: b.ID, Artifact: b.Artifact,
 		CPUCount: b.CPUCount, MemoryMB: b.MemoryMB,
-		EnvVars: envVars, AccessToken: token, AllowInternet: req.AllowInternet,
+		EnvVars: sandboxEnv(req.EnvVars, id, o.templateID), AccessToken: token, AllowInternet: req.AllowInternet,
 	})
 	switch {
 	case errors.Is(err, node.ErrFull):
@@ -138,13 +166,13 @@ func (c *Controller) Create(ctx context.Context, team *store.Team, req CreateReq
 	}
 	now := time.Now().UTC()
 	sb := &store.Sandbox{
-		ID: id, TeamID: team.ID, TemplateID: resolved.Template.ID, BuildID: b.ID, Alias: resolved.Alias,
+		ID: id, TeamID: team.ID, TemplateID: o.templateID, BuildID: b.ID, Alias: o.alias,
 		NodeID: c.node.ID(), State: store.StateRunning,
 		Metadata: req.Metadata, EnvVars: req.EnvVars,
 		CPUCount: b.CPUCount, MemoryMB: b.MemoryMB, DiskSizeMB: b.DiskSizeMB,
 		EnvdVersion: info.EnvdVersion, EnvdAccessToken: token,
-		AllowInternet: req.AllowInternet, AutoPause: req.AutoPause, AutoResume: req.AutoResume,
-		StartedAt: now, EndAt: now.Add(req.Timeout),
+		AllowInternet: req.AllowInternet, AutoPause: req.AutoPause, AutoPauseMemory: req.AutoPauseMemory,
+		AutoResume: req.AutoResume, Timeout: req.Timeout, StartedAt: now, EndAt: now.Add(req.Timeout),
 	}
 	if sb.EnvdVersion == "" {
 		sb.EnvdVersion = b.EnvdVersion
@@ -157,10 +185,23 @@ func (c *Controller) Create(ctx context.Context, team *store.Team, req CreateReq
 		return nil, fmt.Errorf("record sandbox %s: %w", id, err)
 	}
 	c.catalog.Put(id, catalog.Route{NodeID: sb.NodeID, Host: info.Host})
-	if err := c.store.RecordSpawn(ctx, resolved.Template.ID, now); err != nil {
-		c.log.Warn("record template spawn", "template", resolved.Template.ID, "err", err)
+	if err := c.store.RecordSpawn(ctx, o.templateID, now); err != nil {
+		c.log.Warn("record template spawn", "template", o.templateID, "err", err)
 	}
 	return sb, nil
+}
+
+// sandboxEnv is the environment envd's /init gives every process: the
+// user's variables and where it runs, as under E2B (ENVD.md §12).
+func sandboxEnv(user map[string]string, id, templateID string) map[string]string {
+	env := make(map[string]string, len(user)+3)
+	for k, v := range user {
+		env[k] = v
+	}
+	env["E2B_SANDBOX"] = "true"
+	env["E2B_SANDBOX_ID"] = id
+	env["E2B_TEMPLATE_ID"] = templateID
+	return env
 }
 
 // reserve counts a create in flight against the team's concurrency limit.
@@ -169,7 +210,7 @@ func (c *Controller) reserve(ctx context.Context, team *store.Team) (release fun
 	defer c.mu.Unlock()
 	if team.MaxSandboxes > 0 {
 		running, err := c.store.CountSandboxes(ctx, store.SandboxFilter{
-			TeamID: team.ID, States: []store.SandboxState{store.StateRunning, store.StatePausing, store.StateKilling},
+			TeamID: team.ID, States: []store.SandboxState{store.StateRunning, store.StatePausing, store.StateResuming, store.StateKilling},
 		})
 		if err != nil {
 			return nil, err
@@ -212,7 +253,7 @@ func expired(sb *store.Sandbox) bool {
 func (c *Controller) List(ctx context.Context, team *store.Team, f store.SandboxFilter) ([]*store.Sandbox, error) {
 	f.TeamID = team.ID
 	if len(f.States) == 0 {
-		f.States = []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused}
+		f.States = []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused, store.StateResuming}
 	}
 	return c.store.ListSandboxes(ctx, f)
 }
@@ -223,7 +264,8 @@ func (c *Controller) Count(ctx context.Context, team *store.Team, f store.Sandbo
 	return c.store.CountSandboxes(ctx, f)
 }
 
-// Kill stops one of the team's sandboxes and forgets it.
+// Kill stops one of the team's sandboxes, or removes a paused one's saved
+// state, and forgets it.
 func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) error {
 	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
 		if s.TeamID != team.ID || s.State == store.StateKilling {
@@ -241,8 +283,9 @@ func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) erro
 	return c.finishKill(context.WithoutCancel(ctx), sb)
 }
 
-// finishKill makes a sandbox that is marked killing unreachable, stops its VM
-// and deletes its row. A failure leaves the row killing; the evictor retries.
+// finishKill makes a sandbox that is marked killing unreachable, stops its VM,
+// removes what a pause saved and deletes its row. A failure leaves the row
+// killing; the evictor retries.
 func (c *Controller) finishKill(ctx context.Context, sb *store.Sandbox) error {
 	// Unroute first: from here on the proxy answers 502 and open streams end.
 	c.catalog.Delete(sb.ID)
@@ -250,6 +293,11 @@ func (c *Controller) finishKill(ctx context.Context, sb *store.Sandbox) error {
 	c.metrics.forget(sb.ID)
 	if err := c.node.Kill(ctx, sb.ID); err != nil && !errors.Is(err, node.ErrNotFound) {
 		return fmt.Errorf("kill sandbox %s on node %s: %w", sb.ID, sb.NodeID, err)
+	}
+	if sb.Paused != nil {
+		if err := c.node.DeletePaused(ctx, sb.Paused.Key); err != nil {
+			return fmt.Errorf("delete saved state %s of sandbox %s: %w", sb.Paused.Key, sb.ID, err)
+		}
 	}
 	if err := c.store.DeleteSandbox(ctx, sb.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("delete sandbox %s: %w", sb.ID, err)
@@ -276,19 +324,6 @@ func (c *Controller) Refresh(ctx context.Context, team *store.Team, id string, d
 	return err
 }
 
-// Connect extends a running sandbox's deadline (never shortens it) and
-// returns it; resumed reports whether it had to be resumed first.
-func (c *Controller) Connect(ctx context.Context, team *store.Team, id string, timeout time.Duration) (sb *store.Sandbox, resumed bool, err error) {
-	if team.MaxLifetime > 0 && timeout > team.MaxLifetime {
-		return nil, false, errorf(Invalid, "Timeout cannot be greater than %s", hours(team.MaxLifetime))
-	}
-	sb, err = c.update(ctx, team, id, func(s *store.Sandbox) error {
-		s.EndAt = laterEnd(team, s, timeout)
-		return nil
-	})
-	return sb, false, err
-}
-
 // update changes a running sandbox of the team under the row lock.
 func (c *Controller) update(ctx context.Context, team *store.Team, id string, fn func(*store.Sandbox) error) (*store.Sandbox, error) {
 	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
@@ -301,6 +336,8 @@ func (c *Controller) update(ctx context.Context, team *store.Team, id string, fn
 			return errorf(Conflict, "Sandbox %q is being paused", id)
 		case s.State == store.StatePaused:
 			return errorf(Conflict, "Sandbox %q is paused", id)
+		case s.State == store.StateResuming:
+			return errorf(Conflict, "Sandbox %q is being resumed", id)
 		}
 		return fn(s)
 	})
@@ -338,8 +375,29 @@ func hours(d time.Duration) string {
 
 // newSandboxID returns "i" + 20 characters [a-z0-9]: DNS-label safe for host routing.
 func newSandboxID() (string, error) {
+	id, err := randomName(20)
+	return "i" + id, err
+}
+
+// newTemplateID returns 20 characters [a-z0-9] (REST.md §2).
+func newTemplateID() (string, error) { return randomName(20) }
+
+// newBuildID returns a random (version 4) UUID.
+func newBuildID() (string, error) {
+	b := make([]byte, 16)
+	if _, err := rand.Read(b); err != nil {
+		return "", err
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	h := hex.EncodeToString(b)
+	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:], nil
+}
+
+// randomName returns n random characters [a-z0-9].
+func randomName(n int) (string, error) {
 	const alphabet = "abcdefghijklmnopqrstuvwxyz0123456789"
-	id := make([]byte, 0, 20)
+	id := make([]byte, 0, n)
 	buf := make([]byte, 32)
 	for len(id) < cap(id) {
 		if _, err := rand.Read(buf); err != nil {
@@ -352,7 +410,7 @@ func newSandboxID() (string, error) {
 			}
 		}
 	}
-	return "i" + string(id), nil
+	return string(id), nil
 }
 
 func randomHex(n int) (string, error) {

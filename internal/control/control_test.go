@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -26,13 +28,31 @@ type fakeNode struct {
 	mu      sync.Mutex
 	running map[string]*node.SandboxInfo
 	kills   []string
+	pauses  []string
+	saved   map[string]bool // key → memory
+	resumes []string        // IDs Create resumed
+	// createGate, when set, holds every Create until it is closed.
+	createGate chan struct{}
 }
 
 func (n *fakeNode) ID() string { return "node-1" }
 
 func (n *fakeNode) Create(ctx context.Context, spec node.SandboxSpec) (*node.SandboxInfo, error) {
 	n.mu.Lock()
+	gate := n.createGate
+	n.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
+	n.mu.Lock()
 	defer n.mu.Unlock()
+	if spec.Resume != "" {
+		if _, ok := n.saved[spec.Resume]; !ok {
+			return nil, fmt.Errorf("no saved state %q", spec.Resume)
+		}
+		delete(n.saved, spec.Resume)
+		n.resumes = append(n.resumes, spec.ID)
+	}
 	info := &node.SandboxInfo{ID: spec.ID, TemplateID: spec.TemplateID, Host: "127.0.0.1", EnvdVersion: "0.6.5", StartedAt: time.Now()}
 	n.running[spec.ID] = info
 	return info, nil
@@ -105,7 +125,7 @@ func newFixture(t *testing.T) *fixture {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { st.Close() })
-	f := &fixture{store: st, node: &fakeNode{running: map[string]*node.SandboxInfo{}}, gone: make(chan string, 100)}
+	f := &fixture{store: st, node: &fakeNode{running: map[string]*node.SandboxInfo{}, saved: map[string]bool{}}, gone: make(chan string, 100)}
 	now := time.Now().UTC()
 	f.teamA = &store.Team{ID: "team-a", Name: "A", Slug: "team-a", MaxLifetime: time.Hour, CreatedAt: now}
 	f.teamB = &store.Team{ID: "team-b", Name: "B", Slug: "team-b", MaxLifetime: time.Hour, CreatedAt: now}
@@ -444,14 +464,47 @@ func TestBootstrap(t *testing.T) {
 	}
 }
 
+// Pause saves a running sandbox under a key and stops it; Create with
+// Resume = key brings it back and consumes the key.
 func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.PausedSandbox, error) {
-	return nil, errors.New("fake node: no pause")
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.running[id]; !ok {
+		return nil, node.ErrNotFound
+	}
+	delete(n.running, id)
+	key := "paused/" + id
+	n.saved[key] = memory
+	n.pauses = append(n.pauses, fmt.Sprintf("%s memory=%v", id, memory))
+	return &node.PausedSandbox{Key: key, Memory: memory, Bytes: 1 << 20}, nil
 }
 
-func (n *fakeNode) DeletePaused(ctx context.Context, key string) error { return nil }
+func (n *fakeNode) DeletePaused(ctx context.Context, key string) error {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	delete(n.saved, key)
+	return nil
+}
 
 func (n *fakeNode) Snapshot(ctx context.Context, id, key string) (string, error) {
-	return "", errors.New("fake node: no snapshots")
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.running[id]; !ok {
+		return "", node.ErrNotFound
+	}
+	return "artifact:" + key, nil
 }
 
 func (n *fakeNode) DeleteSnapshot(ctx context.Context, key string) error { return nil }
+
+func (n *fakeNode) paused() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return append([]string(nil), n.pauses...)
+}
+
+func (n *fakeNode) savedKeys() []string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return slices.Sorted(maps.Keys(n.saved))
+}

@@ -120,7 +120,7 @@ func (t *Templates) DeleteTemplate(ctx context.Context, team *store.Team, ref st
 		return errorf(Conflict, "Template '%s' is warren's base template and cannot be deleted", ref)
 	}
 	n, err := t.store.CountSandboxes(ctx, store.SandboxFilter{
-		TemplateID: tmpl.ID, States: []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused},
+		TemplateID: tmpl.ID, States: []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused, store.StateResuming},
 	})
 	if err != nil {
 		return err

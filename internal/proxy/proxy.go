@@ -6,8 +6,9 @@
 // The life of a proxied request:
 //
 //	route      headers, host or URL signature → sandbox ID + port (400 text/plain when malformed)
-//	guard      agent-internal paths on 49983 → 404; Router.Lookup → 502 when not running;
-//	           traffic token on other ports → 403
+//	guard      agent-internal paths on 49983 → 404; Router.Lookup → 502 when not running,
+//	           unless the Router is a Resumer and the sandbox may be auto-resumed
+//	           (resume.go); traffic token on other ports → 403
 //	forward    HTTP/1.1 to Target.Host:port, streamed both ways, no timeouts
 //	abort      Abort(sandboxID) cuts every in-flight request of a killed sandbox
 //
@@ -180,13 +181,12 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
 		var err error
 		target, err = p.cfg.Router.Lookup(ctx, d.sandboxID)
 		if errors.Is(err, ErrSandboxNotFound) {
-			writeSandboxNotFound(w, r, d.sandboxID)
-			return
-		}
-		if err != nil {
-			// Not 502: the SDK reads any 502 from the agent port as "sandbox gone".
-			p.cfg.Log.Error("look up sandbox", "sandbox", d.sandboxID, "err", err)
-			writeError(w, r, http.StatusInternalServerError, errorBody{SandboxID: d.sandboxID, Message: lookupFailedMessage})
+			// Perhaps paused with auto-resume: then it runs again first.
+			if target = p.autoResume(w, r, d); target == nil {
+				return
+			}
+		} else if err != nil {
+			p.lookupFailed(w, r, d.sandboxID, err)
 			return
 		}
 	}

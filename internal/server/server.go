@@ -142,17 +142,22 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	printReady(out, cfg, ln.Addr(), tlsConfig != nil, caPath, newKey, keyFile)
 
 	var runErr error
+	ctlEnded := false
 	select {
 	case <-ctx.Done():
 	case err := <-srvDone:
 		runErr = fmt.Errorf("serve: %w", err)
 	case err := <-ctlDone:
+		ctlEnded = true
 		if err != nil {
 			runErr = fmt.Errorf("control plane: %w", err)
 		}
 	}
 	log.Info("shutting down")
 	stop()
+	if !ctlEnded {
+		<-ctlDone // it waits for pauses in flight, which must end before the kills below
+	}
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	srv.Shutdown(shutdownCtx)
@@ -345,3 +350,42 @@ func (p prefixWriter) Write(b []byte) (int, error) {
 	}
 	return len(b), nil
 }
+
+// Paused lets the proxy auto-resume paused sandboxes (proxy.Resumer).
+func (r router) Paused(ctx context.Context, id string) (*proxy.Target, error) {
+	rt, err := r.ctl.Resumable(ctx, id)
+	if err != nil {
+		return nil, proxyError(err)
+	}
+	return &proxy.Target{SandboxID: rt.SandboxID, EnvdToken: rt.EnvdToken}, nil
+}
+
+func (r router) Resume(ctx context.Context, id string) (*proxy.Target, error) {
+	rt, err := r.ctl.AutoResume(ctx, id)
+	if err != nil {
+		return nil, proxyError(err)
+	}
+	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}, nil
+}
+
+// proxyError is a control-plane error as the proxy answers it (PROXY.md §3).
+func proxyError(err error) error {
+	var ce *control.Error
+	switch {
+	case errors.Is(err, control.ErrNoRoute):
+		return proxy.ErrSandboxNotFound
+	case !errors.As(err, &ce):
+		return err
+	case ce.Kind == control.NotFound:
+		return proxy.ErrSandboxNotFound
+	case ce.Kind == control.Conflict:
+		return proxy.ErrTransitioning
+	case ce.Kind == control.LimitReached:
+		return &proxy.ResumeError{Status: http.StatusTooManyRequests, Message: ce.Message}
+	case ce.Kind == control.Unavailable:
+		return &proxy.ResumeError{Status: http.StatusServiceUnavailable, Message: ce.Message}
+	}
+	return err
+}
+
+var _ proxy.Resumer = router{}

@@ -69,6 +69,10 @@ type Template struct {
 	UpdatedAt     time.Time
 	LastSpawnedAt *time.Time
 	SpawnCount    int64
+	// SourceSandboxID is, for a snapshot (a template taken from a running
+	// sandbox, REST.md §6), the sandbox it was taken from; empty for built
+	// templates. It stays set after that sandbox is gone.
+	SourceSandboxID string
 }
 
 // Alias names a template within a namespace ("" is global, e.g. "base").
@@ -125,13 +129,15 @@ type Tag struct {
 type SandboxState string
 
 // Sandbox states. A sandbox is inserted running (only once it answers) and
-// leaves through killing (row deleted once the node has cleaned up) or, with
-// pause support, through pausing to paused.
+// leaves through killing (row deleted once the node has cleaned up), or goes
+// running → pausing → paused (no VM; Paused says what the node saved) →
+// resuming → running again, under the same ID.
 const (
-	StateRunning SandboxState = "running"
-	StatePausing SandboxState = "pausing"
-	StatePaused  SandboxState = "paused"
-	StateKilling SandboxState = "killing"
+	StateRunning  SandboxState = "running"
+	StatePausing  SandboxState = "pausing"
+	StatePaused   SandboxState = "paused"
+	StateResuming SandboxState = "resuming"
+	StateKilling  SandboxState = "killing"
 )
 
 // Sandbox is a sandbox as the control plane tracks it.
@@ -152,10 +158,30 @@ type Sandbox struct {
 	// EnvdAccessToken authorises calls to the sandbox's agent.
 	EnvdAccessToken string
 	AllowInternet   bool
+	// AutoPause pauses the sandbox at EndAt instead of killing it; the pause
+	// saves memory too when AutoPauseMemory, else the disk only.
 	AutoPause       bool
-	AutoResume      bool
-	StartedAt       time.Time
-	EndAt           time.Time
+	AutoPauseMemory bool
+	// AutoResume lets traffic through the proxy resume the paused sandbox.
+	AutoResume bool
+	// Timeout is the lifetime asked for at create; an auto-resume grants it
+	// again (PROXY.md §5).
+	Timeout   time.Duration
+	StartedAt time.Time
+	EndAt     time.Time
+	// Paused is what the node saved when the sandbox paused: set while it is
+	// paused or resuming (and killing from there), nil otherwise.
+	Paused *PausedState
+}
+
+// PausedState locates a paused sandbox's saved state (node.PausedSandbox).
+type PausedState struct {
+	// Key is the node's handle of the saved state (never empty).
+	Key string
+	// Memory tells whether RAM was saved; without it a resume cold boots.
+	Memory bool
+	Bytes  int64
+	At     time.Time
 }
 
 // SandboxFilter selects sandboxes for ListSandboxes and CountSandboxes. Zero
@@ -218,6 +244,9 @@ type Store interface {
 	// DeleteTemplate deletes a template with its aliases, builds and tags.
 	// Sandboxes started from it keep running and keep their row.
 	DeleteTemplate(ctx context.Context, id string) error
+	// ListSnapshots returns a team's snapshot templates (SourceSandboxID
+	// set), only those of sandboxID when it is not empty, oldest first.
+	ListSnapshots(ctx context.Context, teamID, sandboxID string) ([]*Template, error)
 	// RecordSpawn counts one sandbox started from a template at a time.
 	RecordSpawn(ctx context.Context, templateID string, at time.Time) error
 

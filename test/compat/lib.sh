@@ -198,7 +198,13 @@ run_node() {
 	node "$@" &
 	NODE_PID=$!
 	local rc=0
-	wait "$NODE_PID" || rc=$?
+	# wait returns early when a trap ran (the api stage's SIGUSR1 restart):
+	# wait again while node runs.
+	while :; do
+		rc=0
+		wait "$NODE_PID" || rc=$?
+		kill -0 "$NODE_PID" 2>/dev/null || break
+	done
 	NODE_PID=
 	return "$rc"
 }
@@ -264,8 +270,11 @@ start_warren() {
 	ensure_log_dir
 	lock_warren_data
 	# A fresh store per stage: sandboxes, keys and list results of earlier
-	# runs must not leak into this one. The template cache stays.
-	rm -f "$WARREN_DATA"/warren.db "$WARREN_DATA"/warren.db-* "$WARREN_DATA/api-key"
+	# runs must not leak into this one. The template cache stays. A restart
+	# (restart_warren) keeps the store.
+	if [[ -z ${WARREN_KEEP_STORE:-} ]]; then
+		rm -f "$WARREN_DATA"/warren.db "$WARREN_DATA"/warren.db-* "$WARREN_DATA/api-key"
+	fi
 	WARREN_LOG=$LOG_DIR/warren-$name.log
 	echo "compat: bin/warren up --data-dir $WARREN_DATA --listen $addr $* (log $WARREN_LOG)"
 	: >"$WARREN_LOG" # before the reads below: the child opens it only once it runs
@@ -297,6 +306,16 @@ start_warren() {
 		sleep 0.2
 	done
 	echo "compat: warren pid $WARREN_PID ready on $addr after $((SECONDS - started)) s"
+	echo "$WARREN_PID" >"$LOG_DIR/warren.pid"
+}
+
+# restart_warren NAME ADDR [FLAGS...] stops warren and starts it again on the
+# same store (tests of state that outlives a restart: paused sandboxes).
+# $LOG_DIR/warren.pid is empty in between, then holds the new PID.
+restart_warren() {
+	: >"$LOG_DIR/warren.pid"
+	stop_warren
+	WARREN_KEEP_STORE=1 start_warren "$@"
 }
 
 # descendants PID prints the PIDs of PID's children, grandchildren, ...

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/warren-sh/warren/internal/store"
 	"github.com/warren-sh/warren/internal/store/internal/column"
@@ -12,17 +13,27 @@ import (
 
 const sandboxColumns = `id, team_id, template_id, build_id, alias, node_id, state, metadata, env_vars,
 	cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, allow_internet, auto_pause, auto_resume,
-	started_at, end_at`
+	started_at, end_at, auto_pause_memory, timeout_ns, paused_key, paused_memory, paused_bytes, paused_at`
 
 func scanSandbox(r scanner) (*store.Sandbox, error) {
-	var s store.Sandbox
+	var (
+		s           store.Sandbox
+		timeoutNS   int64
+		pausedKey   string
+		pausedMem   bool
+		pausedBytes int64
+		pausedAt    *time.Time
+	)
 	err := r.Scan(&s.ID, &s.TeamID, &s.TemplateID, &s.BuildID, &s.Alias, &s.NodeID, &s.State,
 		mapCol{&s.Metadata}, mapCol{&s.EnvVars},
 		&s.CPUCount, &s.MemoryMB, &s.DiskSizeMB, &s.EnvdVersion, &s.EnvdAccessToken,
-		&s.AllowInternet, &s.AutoPause, &s.AutoResume, timeCol{&s.StartedAt}, timeCol{&s.EndAt})
+		&s.AllowInternet, &s.AutoPause, &s.AutoResume, timeCol{&s.StartedAt}, timeCol{&s.EndAt},
+		&s.AutoPauseMemory, &timeoutNS, &pausedKey, &pausedMem, &pausedBytes, timePtrCol{&pausedAt})
 	if err != nil {
 		return nil, err
 	}
+	s.Timeout = time.Duration(timeoutNS)
+	s.Paused = column.PausedFrom(pausedKey, pausedMem, pausedBytes, pausedAt)
 	return &s, nil
 }
 
@@ -36,9 +47,11 @@ func sandboxArgs(s *store.Sandbox) ([]any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("env vars: %w", err)
 	}
+	pausedKey, pausedMem, pausedBytes, pausedAt := column.PausedArgs(s.Paused)
 	return []any{s.TeamID, s.TemplateID, s.BuildID, s.Alias, s.NodeID, string(s.State), metadata, envVars,
 		s.CPUCount, s.MemoryMB, s.DiskSizeMB, s.EnvdVersion, s.EnvdAccessToken,
-		s.AllowInternet, s.AutoPause, s.AutoResume, timeArg(s.StartedAt), timeArg(s.EndAt)}, nil
+		s.AllowInternet, s.AutoPause, s.AutoResume, timeArg(s.StartedAt), timeArg(s.EndAt),
+		s.AutoPauseMemory, int64(s.Timeout), pausedKey, pausedMem, pausedBytes, timePtrArg(pausedAt)}, nil
 }
 
 // InsertSandbox records a new sandbox.
@@ -47,7 +60,8 @@ func (s *Store) InsertSandbox(ctx context.Context, sb *store.Sandbox) error {
 	args, err := sandboxArgs(sb)
 	if err == nil {
 		_, err = s.pool.Exec(ctx, `INSERT INTO sandboxes (`+sandboxColumns+`)
-			VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)`,
+			VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9::jsonb, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19,
+				$20, $21, $22, $23, $24, $25)`,
 			append([]any{sb.ID}, args...)...)
 	}
 	if err != nil {
@@ -182,8 +196,9 @@ func (s *Store) UpdateSandbox(ctx context.Context, id string, fn func(*store.San
 		_, err = tx.Exec(ctx, `UPDATE sandboxes SET team_id = $1, template_id = $2, build_id = $3, alias = $4,
 			node_id = $5, state = $6, metadata = $7::jsonb, env_vars = $8::jsonb, cpu_count = $9, memory_mb = $10,
 			disk_size_mb = $11, envd_version = $12, envd_access_token = $13, allow_internet = $14, auto_pause = $15,
-			auto_resume = $16, started_at = $17, end_at = $18
-			WHERE id = $19`, append(args, id)...)
+			auto_resume = $16, started_at = $17, end_at = $18, auto_pause_memory = $19, timeout_ns = $20,
+			paused_key = $21, paused_memory = $22, paused_bytes = $23, paused_at = $24
+			WHERE id = $25`, append(args, id)...)
 	}
 	if err == nil {
 		err = tx.Commit(ctx)

@@ -7,6 +7,7 @@ import (
 	"maps"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/warren-sh/warren/internal/store"
 	"github.com/warren-sh/warren/internal/store/internal/column"
@@ -15,22 +16,32 @@ import (
 // sandboxColumns is the columns of sandboxes; selectSandbox reads them.
 const sandboxColumns = `id, team_id, template_id, build_id, alias, node_id, state, metadata, env_vars,
 	cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, allow_internet, auto_pause, auto_resume,
-	started_at, end_at`
+	started_at, end_at, auto_pause_memory, timeout_ns, paused_key, paused_memory, paused_bytes, paused_at`
 
 // selectSandbox selects sandboxColumns, metadata as JSON text.
 const selectSandbox = `SELECT id, team_id, template_id, build_id, alias, node_id, state, json(metadata), env_vars,
 	cpu_count, memory_mb, disk_size_mb, envd_version, envd_access_token, allow_internet, auto_pause, auto_resume,
-	started_at, end_at FROM sandboxes`
+	started_at, end_at, auto_pause_memory, timeout_ns, paused_key, paused_memory, paused_bytes, paused_at FROM sandboxes`
 
 func scanSandbox(r scanner) (*store.Sandbox, error) {
-	var s store.Sandbox
+	var (
+		s           store.Sandbox
+		timeoutNS   int64
+		pausedKey   string
+		pausedMem   bool
+		pausedBytes int64
+		pausedAt    *time.Time
+	)
 	err := r.Scan(&s.ID, &s.TeamID, &s.TemplateID, &s.BuildID, &s.Alias, &s.NodeID, &s.State,
 		mapCol{&s.Metadata}, mapCol{&s.EnvVars},
 		&s.CPUCount, &s.MemoryMB, &s.DiskSizeMB, &s.EnvdVersion, &s.EnvdAccessToken,
-		&s.AllowInternet, &s.AutoPause, &s.AutoResume, timeCol{&s.StartedAt}, timeCol{&s.EndAt})
+		&s.AllowInternet, &s.AutoPause, &s.AutoResume, timeCol{&s.StartedAt}, timeCol{&s.EndAt},
+		&s.AutoPauseMemory, &timeoutNS, &pausedKey, &pausedMem, &pausedBytes, timePtrCol{&pausedAt})
 	if err != nil {
 		return nil, err
 	}
+	s.Timeout = time.Duration(timeoutNS)
+	s.Paused = column.PausedFrom(pausedKey, pausedMem, pausedBytes, pausedAt)
 	return &s, nil
 }
 
@@ -44,9 +55,11 @@ func sandboxArgs(s *store.Sandbox) ([]any, error) {
 	if err != nil {
 		return nil, fmt.Errorf("env vars: %w", err)
 	}
+	pausedKey, pausedMem, pausedBytes, pausedAt := column.PausedArgs(s.Paused)
 	return []any{s.TeamID, s.TemplateID, s.BuildID, s.Alias, s.NodeID, string(s.State), metadata, envVars,
 		s.CPUCount, s.MemoryMB, s.DiskSizeMB, s.EnvdVersion, s.EnvdAccessToken,
-		s.AllowInternet, s.AutoPause, s.AutoResume, timeArg(s.StartedAt), timeArg(s.EndAt)}, nil
+		s.AllowInternet, s.AutoPause, s.AutoResume, timeArg(s.StartedAt), timeArg(s.EndAt),
+		s.AutoPauseMemory, int64(s.Timeout), pausedKey, pausedMem, pausedBytes, timePtrArg(pausedAt)}, nil
 }
 
 // InsertSandbox records a new sandbox.
@@ -55,7 +68,7 @@ func (s *Store) InsertSandbox(ctx context.Context, sb *store.Sandbox) error {
 	args, err := sandboxArgs(sb)
 	if err == nil {
 		_, err = s.write.ExecContext(ctx, `INSERT INTO sandboxes (`+sandboxColumns+`)
-			VALUES (?, ?, ?, ?, ?, ?, ?, jsonb(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, append([]any{sb.ID}, args...)...)
+			VALUES (?, ?, ?, ?, ?, ?, ?, jsonb(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`, append([]any{sb.ID}, args...)...)
 	}
 	if err != nil {
 		return fmt.Errorf("insert sandbox %s of team %s: %w", sb.ID, sb.TeamID, classify(err))
@@ -184,7 +197,8 @@ func (s *Store) UpdateSandbox(ctx context.Context, id string, fn func(*store.San
 		_, err = tx.ExecContext(ctx, `UPDATE sandboxes SET team_id = ?, template_id = ?, build_id = ?, alias = ?,
 			node_id = ?, state = ?, metadata = jsonb(?), env_vars = ?, cpu_count = ?, memory_mb = ?, disk_size_mb = ?,
 			envd_version = ?, envd_access_token = ?, allow_internet = ?, auto_pause = ?, auto_resume = ?,
-			started_at = ?, end_at = ?
+			started_at = ?, end_at = ?, auto_pause_memory = ?, timeout_ns = ?,
+			paused_key = ?, paused_memory = ?, paused_bytes = ?, paused_at = ?
 			WHERE id = ?`, append(args, id)...)
 	}
 	if err == nil {

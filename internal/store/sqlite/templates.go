@@ -16,21 +16,22 @@ import (
 func (s *Store) CreateTemplate(ctx context.Context, t *store.Template) error {
 	column.NormalizeTemplate(t)
 	_, err := s.write.ExecContext(ctx, `
-		INSERT INTO templates (id, team_id, public, created_at, updated_at, last_spawned_at, spawn_count)
-		VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		t.ID, t.TeamID, t.Public, timeArg(t.CreatedAt), timeArg(t.UpdatedAt), timePtrArg(t.LastSpawnedAt), t.SpawnCount)
+		INSERT INTO templates (id, team_id, public, created_at, updated_at, last_spawned_at, spawn_count, source_sandbox_id)
+		VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+		t.ID, t.TeamID, t.Public, timeArg(t.CreatedAt), timeArg(t.UpdatedAt), timePtrArg(t.LastSpawnedAt), t.SpawnCount,
+		t.SourceSandboxID)
 	if err != nil {
 		return fmt.Errorf("create template %s of team %s: %w", t.ID, t.TeamID, classify(err))
 	}
 	return nil
 }
 
-const templateColumns = `id, team_id, public, created_at, updated_at, last_spawned_at, spawn_count`
+const templateColumns = `id, team_id, public, created_at, updated_at, last_spawned_at, spawn_count, source_sandbox_id`
 
 func scanTemplate(r scanner) (*store.Template, error) {
 	var t store.Template
 	err := r.Scan(&t.ID, &t.TeamID, &t.Public, timeCol{&t.CreatedAt}, timeCol{&t.UpdatedAt},
-		timePtrCol{&t.LastSpawnedAt}, &t.SpawnCount)
+		timePtrCol{&t.LastSpawnedAt}, &t.SpawnCount, &t.SourceSandboxID)
 	if err != nil {
 		return nil, err
 	}
@@ -53,6 +54,19 @@ func (s *Store) ListTemplates(ctx context.Context, teamID string, public bool) (
 	templates, err := collect(rows, err, scanTemplate)
 	if err != nil {
 		return nil, fmt.Errorf("list templates of team %s: %w", teamID, err)
+	}
+	return templates, nil
+}
+
+// ListSnapshots returns a team's snapshot templates, of one sandbox when
+// sandboxID is set, oldest first.
+func (s *Store) ListSnapshots(ctx context.Context, teamID, sandboxID string) ([]*store.Template, error) {
+	rows, err := s.read.QueryContext(ctx, `SELECT `+templateColumns+` FROM templates
+		WHERE team_id = ? AND source_sandbox_id <> '' AND (? = '' OR source_sandbox_id = ?)
+		ORDER BY created_at, id`, teamID, sandboxID, sandboxID)
+	templates, err := collect(rows, err, scanTemplate)
+	if err != nil {
+		return nil, fmt.Errorf("list snapshots of team %s: %w", teamID, err)
 	}
 	return templates, nil
 }

@@ -45,6 +45,8 @@ func Run(t *testing.T, open Open) {
 		{"ListSandboxesFilters", testListFilters},
 		{"ListSandboxesMetadataCharacters", testListMetadataCharacters},
 		{"ListSandboxesPaging", testListPaging},
+		{"PausedSandbox", testPausedSandbox},
+		{"Snapshots", testSnapshots},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -116,8 +118,8 @@ func newSandbox(id, teamID string) *store.Sandbox {
 		ID: id, TeamID: teamID, TemplateID: "tpl1", BuildID: "b1", Alias: "base", NodeID: "n1",
 		State: store.StateRunning, Metadata: map[string]string{"k": "v"}, EnvVars: map[string]string{"A": "1"},
 		CPUCount: 2, MemoryMB: 512, DiskSizeMB: 1024, EnvdVersion: "0.6.4", EnvdAccessToken: "token-" + id,
-		AllowInternet: true, AutoPause: true, AutoResume: false,
-		StartedAt: t0, EndAt: t0.Add(5 * time.Minute),
+		AllowInternet: true, AutoPause: true, AutoPauseMemory: true, AutoResume: false,
+		Timeout: 5*time.Minute + 1500*time.Millisecond, StartedAt: t0, EndAt: t0.Add(5 * time.Minute),
 	}
 }
 
@@ -691,4 +693,108 @@ func testUpdateSandboxConcurrent(t *testing.T, s store.Store) {
 	if want := sb.EndAt.Add(n * time.Second); !got.EndAt.Equal(want) {
 		t.Fatalf("EndAt = %v after %d concurrent +1s updates, want %v", got.EndAt, n, want)
 	}
+}
+
+// A paused sandbox's saved state round-trips through every write path and
+// goes away when cleared; the lifecycle fields auto-pause and auto-resume
+// read are kept exactly.
+func testPausedSandbox(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	newTeam(t, s, "a")
+	running := newSandbox("run", "a")
+	running.AutoPauseMemory = false
+	running.Timeout = 0
+	must(t, "insert running sandbox", s.InsertSandbox(ctx, running))
+	got, err := s.GetSandbox(ctx, "run")
+	must(t, "get running sandbox", err)
+	same(t, "running sandbox", got, running)
+	if got.Paused != nil {
+		t.Fatalf("a running sandbox has saved state %+v", got.Paused)
+	}
+
+	// Inserted paused (a restore of a backup, say): every field kept.
+	paused := newSandbox("paused", "a")
+	paused.State = store.StatePaused
+	paused.Paused = &store.PausedState{Key: "paused/paused", Memory: true, Bytes: 5 << 30, At: t0.Add(time.Second)}
+	must(t, "insert paused sandbox", s.InsertSandbox(ctx, paused))
+	if paused.Paused.At != us(t0.Add(time.Second)) {
+		t.Errorf("InsertSandbox left Paused.At = %v, want it rounded in place", paused.Paused.At)
+	}
+	got, err = s.GetSandbox(ctx, "paused")
+	must(t, "get paused sandbox", err)
+	same(t, "paused sandbox", got, paused)
+
+	// Pause, then resume, through UpdateSandbox.
+	saved := &store.PausedState{Key: "paused/run", Memory: false, Bytes: 123, At: t0.Add(time.Minute + 7*time.Nanosecond)}
+	got, err = s.UpdateSandbox(ctx, "run", func(x *store.Sandbox) error {
+		x.State, x.Paused = store.StatePaused, saved
+		return nil
+	})
+	must(t, "pause", err)
+	want := *running
+	want.State = store.StatePaused
+	want.Paused = &store.PausedState{Key: "paused/run", Bytes: 123, At: us(t0.Add(time.Minute))}
+	same(t, "paused by update", got, &want)
+	stored, err := s.GetSandbox(ctx, "run")
+	must(t, "get after pause", err)
+	same(t, "stored after pause", stored, &want)
+	list, err := s.ListSandboxes(ctx, store.SandboxFilter{TeamID: "a", States: states(store.StatePaused)})
+	must(t, "list paused", err)
+	same(t, "paused sandboxes", ids(list), []string{"run", "paused"})
+
+	got, err = s.UpdateSandbox(ctx, "run", func(x *store.Sandbox) error {
+		x.State, x.Paused = store.StateRunning, nil
+		return nil
+	})
+	must(t, "resume", err)
+	same(t, "resumed by update", got, running)
+	stored, err = s.GetSandbox(ctx, "run")
+	must(t, "get after resume", err)
+	same(t, "stored after resume", stored, running)
+}
+
+// Snapshots are templates with a source sandbox: ListSnapshots finds a
+// team's, optionally of one sandbox; other calls see them as templates.
+func testSnapshots(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	newTeam(t, s, "a")
+	newTeam(t, s, "b")
+	built := newTemplate(t, s, "t-built", "a")
+	snap := func(id, team, sandbox string, at time.Time) *store.Template {
+		tpl := &store.Template{ID: id, TeamID: team, SourceSandboxID: sandbox, CreatedAt: at, UpdatedAt: at}
+		must(t, "create snapshot "+id, s.CreateTemplate(ctx, tpl))
+		return tpl
+	}
+	s1 := snap("s1", "a", "sb1", t0.Add(2*time.Second))
+	s2 := snap("s2", "a", "sb2", t0.Add(time.Second))
+	s3 := snap("s3", "a", "sb1", t0.Add(3*time.Second))
+	snap("s4", "b", "sb1", t0) // another team's, of a sandbox with the same ID
+
+	got, err := s.GetTemplate(ctx, "s1")
+	must(t, "get snapshot", err)
+	same(t, "snapshot", got, s1)
+	for _, tc := range []struct {
+		team, sandbox string
+		want          []*store.Template
+	}{
+		{"a", "", []*store.Template{s2, s1, s3}},
+		{"a", "sb1", []*store.Template{s1, s3}},
+		{"a", "sb2", []*store.Template{s2}},
+		{"a", "nope", []*store.Template{}},
+		{"nobody", "", []*store.Template{}},
+	} {
+		list, err := s.ListSnapshots(ctx, tc.team, tc.sandbox)
+		must(t, "list snapshots", err)
+		if list == nil {
+			list = []*store.Template{}
+		}
+		same(t, fmt.Sprintf("snapshots of team %s sandbox %q", tc.team, tc.sandbox), list, tc.want)
+	}
+	all, err := s.ListTemplates(ctx, "a", false)
+	must(t, "list templates", err)
+	same(t, "templates of a, snapshots included", all, []*store.Template{built, s2, s1, s3})
+	must(t, "delete snapshot", s.DeleteTemplate(ctx, "s1"))
+	list, err := s.ListSnapshots(ctx, "a", "sb1")
+	must(t, "list after delete", err)
+	same(t, "snapshots of sb1 after delete", list, []*store.Template{s3})
 }

@@ -87,10 +87,36 @@ func NormalizeTag(t *store.Tag) { t.CreatedAt = Round(t.CreatedAt) }
 func NormalizeSandbox(s *store.Sandbox) {
 	s.StartedAt = Round(s.StartedAt)
 	s.EndAt = Round(s.EndAt)
+	if s.Paused != nil {
+		s.Paused.At = Round(s.Paused.At)
+	}
 	if s.Metadata == nil {
 		s.Metadata = map[string]string{}
 	}
 	if s.EnvVars == nil {
 		s.EnvVars = map[string]string{}
 	}
+}
+
+// PausedArgs is a sandbox's Paused as its columns: paused_key (” when
+// not paused), paused_memory, paused_bytes and paused_at.
+func PausedArgs(p *store.PausedState) (key string, memory bool, bytes int64, at *time.Time) {
+	if p == nil {
+		return "", false, 0, nil
+	}
+	t := Round(p.At)
+	return p.Key, p.Memory, p.Bytes, &t
+}
+
+// PausedFrom reads the columns PausedArgs writes back into a Paused; nil
+// when nothing is saved.
+func PausedFrom(key string, memory bool, bytes int64, at *time.Time) *store.PausedState {
+	if key == "" {
+		return nil
+	}
+	p := &store.PausedState{Key: key, Memory: memory, Bytes: bytes}
+	if at != nil {
+		p.At = Round(*at)
+	}
+	return p
 }
