@@ -56,7 +56,23 @@ run_api() {
 	unset E2B_DEBUG E2B_DOMAIN
 	export E2B_API_URL=http://127.0.0.1:$port E2B_SANDBOX_URL=http://127.0.0.1:$port
 	export E2B_API_KEY=$WARREN_API_KEY
+	if printf '%s\n' "$@" | grep -q 'oci\.test\.mjs'; then
+		WARREN_COMPAT_OCI_ARCHIVE=$(make_oci_archive)
+		export WARREN_COMPAT_OCI_ARCHIVE
+	fi
 	node_test "$@"
+}
+
+# make_oci_archive prints the path of a bootable OCI image archive made from
+# the base template's root image (test/compat/mkimage), made anew when that
+# image changed.
+make_oci_archive() {
+	local base=$WARREN_DATA/templates/base/rootfs.ext4 out=$WARREN_DATA/compat-oci.tar
+	if [[ ! -e $out || $base -nt $out ]]; then
+		echo "compat: making the OCI image archive $out from $base" >&2
+		(cd ../.. && go run ./test/compat/mkimage -base "$base" -out "$out") >&2
+	fi
+	echo "$out"
 }
 
 run_domain() {

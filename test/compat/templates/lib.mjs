@@ -122,10 +122,9 @@ export async function expectSandbox(name, want) {
  * python3 and procps (warren provisions envd, `user` and sudo into it), and
  * the file /etc/compat-image.txt with the content "from the imported image".
  *
- * TODO(lead): no archive is produced here yet. Wire one in, e.g. a small Go
- * program that calls ocitest.DebianArchive(t, <base rootfs.ext4 in the test
- * cache>, {"/etc/compat-image.txt": "from the imported image"}) and writes
- * the path to WARREN_COMPAT_OCI_ARCHIVE before run.sh starts the stage.
+ * run.sh makes it (test/compat/mkimage, from the base template's root image)
+ * and exports its path in WARREN_COMPAT_OCI_ARCHIVE when the stage runs
+ * oci.test.mjs.
  */
 export function ociArchive() {
   return process.env.WARREN_COMPAT_OCI_ARCHIVE || undefined
@@ -134,10 +133,6 @@ export function ociArchive() {
 /**
  * importImage imports an OCI archive into the store of the warren under
  * test (its data dir, run.sh's WARREN_DATA) as `name`.
- *
- * TODO(lead): check the command line of `warren image import` (another
- * helper's work) once it is merged; this assumes `warren image import
- * [--data-dir DIR] NAME ARCHIVE`.
  */
 export async function importImage(name, archive) {
   const dataDir = process.env.WARREN_COMPAT_DATA_DIR || '/var/tmp/warren-test-cache'
