@@ -209,6 +209,7 @@ func (b *LocalBuilder) Build(ctx context.Context, req BuildRequest) (a *Artifact
 	final := bd.finalKey()
 	if cached == n && !req.Force {
 		if a, ok := bd.cachedFinal(final); ok {
+			bd.logCached(cached)
 			bd.logf("finalize", "info", "every step and the snapshot are cached (build %s)", a.BuildID)
 			return bd.linkFinal(a)
 		}
@@ -478,10 +479,7 @@ func writeArtifact(a *Artifact) error {
 func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, error) {
 	b, req := bd.b, bd.req
 	n := len(req.Steps)
-	for i := 1; i <= cached; i++ {
-		s := req.Steps[i-1]
-		bd.logf(stepName(i), "info", "[%d/%d] %s %s: cached", i, n, s.Type, strings.Join(s.Args, " "))
-	}
+	bd.logCached(cached)
 	root := bd.disk
 	if cached > 0 {
 		root = b.layerOfLocked(bd, bd.hashes[cached])
@@ -586,6 +584,15 @@ func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, 
 	}
 	bd.logf("finalize", "info", "snapshot saved in %s", a.SnapshotTime)
 	return a, nil
+}
+
+// logCached logs the first cached steps as cached.
+func (bd *build) logCached(cached int) {
+	n := len(bd.req.Steps)
+	for i := 1; i <= cached; i++ {
+		s := bd.req.Steps[i-1]
+		bd.logf(stepName(i), "info", "[%d/%d] %s %s: cached", i, n, s.Type, strings.Join(s.Args, " "))
+	}
 }
 
 func (b *LocalBuilder) layerOfLocked(bd *build, hash string) string {

@@ -58,8 +58,8 @@ describe('warren template build FROM an imported OCI image', opts, () => {
     sandboxes.push(sandbox)
     const owner = await sandbox.commands.run('stat -c %U /srv/site/index.html')
     assert.equal(owner.stdout.trim(), 'appuser', 'COPY --chown')
-    // E2B's conventions hold in an imported image too.
-    const root = await sandbox.commands.run('sudo -n whoami')
+    // E2B's conventions hold in an imported image too: `user` has sudo.
+    const root = await sandbox.commands.run('sudo -n whoami', { user: 'user' })
     assert.equal(root.stdout.trim(), 'root')
   })
 
