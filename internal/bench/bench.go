@@ -323,11 +323,28 @@ func measureFloor(ctx context.Context, o Options, res *Results, say func(string,
 	if err != nil {
 		return nil, err
 	}
+	pruneBuilds(o.DataDir, art.BuildID, say)
 	say("restore floor: %d raw clone restores of base build %s after one warm-up", o.TTI, art.BuildID)
 	if res.RestoreFloor, err = restoreFloor(ctx, rt, pool, art, o.TTI); err != nil {
 		return nil, err
 	}
 	return art, nil
+}
+
+// pruneBuilds removes the bench data dir's base builds other than keep:
+// every envd change makes a new one of a few hundred MiB, and the bench's
+// data dir runs nothing else.
+func pruneBuilds(dataDir, keep string, say func(string, ...any)) {
+	dirs, _ := filepath.Glob(filepath.Join(dataDir, "templates", "base", "*"))
+	for _, d := range dirs {
+		id := filepath.Base(d)
+		if id == keep || len(id) != 16 || strings.Trim(id, "0123456789abcdef") != "" {
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			say("remove old base build %s: %v", d, err)
+		}
+	}
 }
 
 // benchServer is warren running in this process.
