@@ -103,10 +103,13 @@ type Results struct {
 		CPUs, MemoryMiB int
 	}
 	Counts struct{ Warmup, TTI, Burst, RTT, Density, Pause int }
-	// RestoreFloor is runtime Start of a clone → envd's first /health.
-	RestoreFloor []float64
-	SDK          *SDKResults
-	Density      *DensityResult
+	// RestoreFloor is runtime Start of a clone → envd's first /health: the
+	// first RestoreFloorBefore before warren started, the rest after it
+	// stopped.
+	RestoreFloor       []float64
+	RestoreFloorBefore int
+	SDK                *SDKResults
+	Density            *DensityResult
 }
 
 // DensityResult is the host's memory and CPU with the density sandboxes
@@ -164,11 +167,15 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		}
 	}
 
-	// 1. The floor, with the bench's own runtime and slots.
-	art, err := measureFloor(ctx, o, res, say, progress)
+	// 1. The floor, with the bench's own runtime and slots: half of the
+	// restores now, half once warren has stopped, so that load from other
+	// work on the host falls on the floor and on warren alike.
+	before := (o.TTI + 1) / 2
+	art, err := prepare(ctx, o, before, res, say, progress)
 	if err != nil {
 		return nil, err
 	}
+	res.RestoreFloorBefore = before
 	res.Base.BuildID, res.Base.CPUs, res.Base.MemoryMiB = art.BuildID, art.CPUs, art.MemoryMiB
 
 	// 2. warren, in this process.
@@ -226,6 +233,20 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 		res.Density = d
 	}
 	res.Machine.LoadAfter = loadAvg()
+
+	// 4. The rest of the floor.
+	srv.stop(say)
+	if after := o.TTI - before; after > 0 {
+		err := withSlots(ctx, o, say, func(rt *microvm.Runtime, pool *netns.Pool) error {
+			say("restore floor: %d more raw clone restores after one warm-up", after)
+			more, err := restoreFloor(ctx, rt, pool, art, after)
+			res.RestoreFloor = append(res.RestoreFloor, more...)
+			return err
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	res.Duration = time.Since(res.Started).Round(time.Second)
 	return res, nil
 }
@@ -289,46 +310,52 @@ func seed(from, dir string, say func(string, ...any)) error {
 	return nil
 }
 
-// measureFloor makes sure the base template exists and measures raw
-// restores of its snapshot, with a runtime and slot pool of the bench's own
-// that it closes before it returns.
-func measureFloor(ctx context.Context, o Options, res *Results, say func(string, ...any), progress io.Writer) (_ *template.Artifact, err error) {
+// withSlots runs fn with a microVM runtime and a slot pool of the bench's
+// own, which it closes before it returns (warren's node takes the host's
+// slots next).
+func withSlots(ctx context.Context, o Options, say func(string, ...any), fn func(*microvm.Runtime, *netns.Pool) error) (err error) {
 	root := filepath.Join(o.DataDir, "bench-vms")
 	rt, err := microvm.New(microvm.Config{Root: root, Accel: o.VMAccel})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer os.RemoveAll(root)
-	res.Machine.Accel, res.Machine.QEMU = string(rt.Accel()), rt.Version()
-	if a, why := microvm.DetectAccel(); rt.Accel() == microvm.TCG {
-		if a == microvm.KVM {
-			why = "asked for (--vm-accel tcg)"
-		}
-		res.Machine.AccelWhy = why
-	}
 	say("taking the host's network slots (%s; waits while another warren or VM test holds them)", "/run/warren/netns.lock")
 	pool, err := netns.NewPool(ctx, netns.Config{})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer func() {
 		if cerr := pool.Close(); cerr != nil && err == nil {
 			err = fmt.Errorf("close the slot pool: %w", cerr)
 		}
 	}()
-	say("making sure the base template exists in %s (the first time takes several minutes)", o.DataDir)
-	art, err := template.EnsureBase(ctx, o.DataDir, template.BaseOptions{
-		Envd: o.Envd, Runtime: rt, Slots: pool, Progress: prefixWriter{progress, "bench: base: "},
+	return fn(rt, pool)
+}
+
+// prepare makes sure the base template exists and measures the first n raw
+// restores of its snapshot.
+func prepare(ctx context.Context, o Options, n int, res *Results, say func(string, ...any), progress io.Writer) (art *template.Artifact, err error) {
+	err = withSlots(ctx, o, say, func(rt *microvm.Runtime, pool *netns.Pool) error {
+		res.Machine.Accel, res.Machine.QEMU = string(rt.Accel()), rt.Version()
+		if a, why := microvm.DetectAccel(); rt.Accel() == microvm.TCG {
+			if a == microvm.KVM {
+				why = "asked for (--vm-accel tcg)"
+			}
+			res.Machine.AccelWhy = why
+		}
+		say("making sure the base template exists in %s (the first time takes several minutes)", o.DataDir)
+		if art, err = template.EnsureBase(ctx, o.DataDir, template.BaseOptions{
+			Envd: o.Envd, Runtime: rt, Slots: pool, Progress: prefixWriter{progress, "bench: base: "},
+		}); err != nil {
+			return err
+		}
+		pruneBuilds(o.DataDir, art.BuildID, say)
+		say("restore floor: %d raw clone restores of base build %s after one warm-up", n, art.BuildID)
+		res.RestoreFloor, err = restoreFloor(ctx, rt, pool, art, n)
+		return err
 	})
-	if err != nil {
-		return nil, err
-	}
-	pruneBuilds(o.DataDir, art.BuildID, say)
-	say("restore floor: %d raw clone restores of base build %s after one warm-up", o.TTI, art.BuildID)
-	if res.RestoreFloor, err = restoreFloor(ctx, rt, pool, art, o.TTI); err != nil {
-		return nil, err
-	}
-	return art, nil
+	return art, err
 }
 
 // pruneBuilds removes the bench data dir's base builds other than keep:
@@ -354,6 +381,7 @@ type benchServer struct {
 	cancel   context.CancelFunc
 	done     chan error
 	logFile  *os.File
+	stopped  sync.Once
 }
 
 // startServer resets the store, starts server.Run on a free loopback port
@@ -419,12 +447,15 @@ func startServer(ctx context.Context, o Options, progress io.Writer) (*benchServ
 }
 
 // stop shuts warren down: it kills its sandboxes on the way out.
+// Safe to call twice.
 func (s *benchServer) stop(say func(string, ...any)) {
-	s.cancel()
-	if err := <-s.done; err != nil {
-		say("warren stopped with an error: %v (log %s)", err, s.logFile.Name())
-	}
-	s.logFile.Close()
+	s.stopped.Do(func() {
+		s.cancel()
+		if err := <-s.done; err != nil {
+			say("warren stopped with an error: %v (log %s)", err, s.logFile.Name())
+		}
+		s.logFile.Close()
+	})
 }
 
 // measureIdle waits d.Idle with the sandboxes running, then reads their

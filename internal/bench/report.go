@@ -186,7 +186,8 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 	p("")
 	p("`Sandbox.create()` → first `commands.run('echo ready')` done: %d one after the other after %d warm-up, then %d at once "+
 		"(each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
-		"first `/health` 204, no warren in between), measured before warren started, after one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.Burst)
+		"first `/health` 204, no warren in between), half of them before warren started and half after it stopped, each half after "+
+		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.Burst)
 	p("")
 	p("| | n | p50 | p90 | p99 | max |")
 	p("|---|---|---|---|---|---|")
@@ -198,6 +199,10 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 		row(p, "`commands.run('echo ready')` on a warm sandbox", Summarize(s.TTI.Echo))
 	}
 	row(p, "floor: raw clone restore → envd `/health`", Summarize(r.RestoreFloor))
+	if k := r.RestoreFloorBefore; k > 0 && k < len(r.RestoreFloor) {
+		row(p, "  before warren started", Summarize(r.RestoreFloor[:k]))
+		row(p, "  after warren stopped", Summarize(r.RestoreFloor[k:]))
+	}
 	if s := r.SDK; s != nil && len(s.TTI.BurstErrors) > 0 {
 		p("")
 		p("Failed creates in the burst: %s", strings.Join(s.TTI.BurstErrors, "; "))
@@ -279,7 +284,9 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 			}
 		}
 		p("")
-		p("The counts on %d GiB are extrapolated from the memory measured per sandbox, not started.", densityHostGiB)
+		p("The counts on %d GiB are extrapolated from the memory measured per sandbox, not started. MemAvailable is the whole "+
+			"host's: other work moves it (a negative drop means something else freed memory meanwhile); PSS counts the sandboxes' "+
+			"QEMU processes alone.", densityHostGiB)
 	} else {
 		p("Not measured (--density 0).")
 	}

@@ -17,7 +17,7 @@ func sample() *Results {
 		Accel: "tcg", AccelWhy: "no vmx/svm", QEMU: "7.2.22", Node: "v20.20.2", Go: "go1.26", LoadBefore: "0.5 0.4 0.3", LoadAfter: "1 1 1"}
 	r.Base.BuildID, r.Base.CPUs, r.Base.MemoryMiB = "0123456789abcdef", 2, 512
 	r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst, r.Counts.RTT, r.Counts.Density, r.Counts.Pause = 1, 4, 3, 5, 2, 1
-	r.RestoreFloor = []float64{200, 210, 220, 230}
+	r.RestoreFloor, r.RestoreFloorBefore = []float64{200, 210, 220, 230}, 2
 	s := &SDKResults{}
 	s.TTI.Serial = []float64{300, 310, 320, 330}
 	s.TTI.SerialCreate = []float64{280, 290, 300, 310}
@@ -87,6 +87,8 @@ func TestWriteMarkdown(t *testing.T) {
 		"## Summary", "## Time to interactive", "## Command round trip", "## Files", "## Density", "## Pause and resume",
 		"| TTI, serial | 4 | 310 | 330 | 330 | 330 |",
 		"| floor: raw clone restore → envd `/health` | 4 | 210 | 230 | 230 | 230 |",
+		"|   before warren started | 2 | 200 | 210 | 210 | 210 |",
+		"|   after warren stopped | 2 | 220 | 230 | 230 | 230 |",
 		"| `commands.run('true')` | 5 | 12.0 | 40.0 | 40.0 | 40.0 |",
 		"| `files.write` (ArrayBuffer, multipart) | 100 MiB | 2 | 1000 | 100 | 250 | 40% |",
 		"| `files.read` (`files.read` format bytes) | 100 MiB | 2 | 400 | 250 | 400 | 62% |",

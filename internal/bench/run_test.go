@@ -74,6 +74,8 @@ func TestWarrenBench(t *testing.T) {
 		`\| TTI, burst of 2 \| 2 \| ` + num + ` \|`,
 		"\\| `commands.run\\('echo ready'\\)` on a warm sandbox \\| 20 \\| " + num,
 		"\\| floor: raw clone restore → envd `/health` \\| 3 \\| " + num,
+		`\|   before warren started \| 2 \| ` + num,
+		`\|   after warren stopped \| 1 \| ` + num,
 		"\\| `commands.run\\('true'\\)` \\| 20 \\| " + num,
 		"\\| floor: `GET /health` through warren \\| 20 \\| " + num,
 		"\\| floor: `bash -l -c true` in the guest \\| 20 \\| " + num,
