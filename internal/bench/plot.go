@@ -50,27 +50,59 @@ func PlotCDF(w io.Writer, title, xLabel string, series []Series, marks []Mark) e
 	img := image.NewRGBA(image.Rect(0, 0, plotWidth, plotHeight))
 	draw.Draw(img, img.Bounds(), &image.Uniform{white}, image.Point{}, draw.Src)
 
-	hi := 0.0
+	lo, hi := math.Inf(1), 0.0
 	for _, s := range series {
 		for _, v := range s.Values {
-			hi = max(hi, v)
+			lo, hi = min(lo, v), max(hi, v)
 		}
 	}
 	for _, m := range marks {
-		hi = max(hi, m.X)
+		lo, hi = min(lo, m.X), max(hi, m.X)
 	}
 	if hi <= 0 {
-		hi = 1
+		lo, hi = 0, 1
 	}
-	step := niceStep(hi / 6)
-	xMax := math.Ceil(hi*1.02/step) * step
 	x0, y0 := marginLeft, plotHeight-marginBottom // the origin
 	x1, y1 := plotWidth-marginRight, marginTop
-	px := func(v float64) int { return x0 + int(math.Round(v/xMax*float64(x1-x0))) }
+	// A linear axis from 0, or a logarithmic one when the values span more
+	// than a decade (a burst's tail would squash the serial times).
+	var ticks []float64
+	var px func(float64) int
+	if lo > 0 && hi/lo > 10 {
+		// From the 1-2-5 step at or below lo to the one at or above hi.
+		var steps []float64
+		for e := math.Floor(math.Log10(lo)); e <= math.Ceil(math.Log10(hi)); e++ {
+			for _, m := range []float64{1, 2, 5} {
+				steps = append(steps, m*math.Pow(10, e))
+			}
+		}
+		steps = append(steps, math.Pow(10, math.Ceil(math.Log10(hi))+1))
+		for i, v := range steps {
+			if v <= lo && (i+1 == len(steps) || steps[i+1] > lo) || len(ticks) > 0 {
+				ticks = append(ticks, v)
+			}
+			if v >= hi && len(ticks) > 0 {
+				break
+			}
+		}
+		a, b := math.Log10(ticks[0]), math.Log10(ticks[len(ticks)-1])
+		px = func(v float64) int {
+			f := (math.Log10(max(v, ticks[0])) - a) / (b - a)
+			return x0 + int(math.Round(f*float64(x1-x0)))
+		}
+		xLabel += " (log scale)"
+	} else {
+		step := niceStep(hi / 6)
+		xMax := math.Ceil(hi*1.02/step) * step
+		for v := 0.0; v <= xMax+step/2; v += step {
+			ticks = append(ticks, v)
+		}
+		px = func(v float64) int { return x0 + int(math.Round(v/xMax*float64(x1-x0))) }
+	}
 	py := func(f float64) int { return y0 - int(math.Round(f*float64(y0-y1))) }
 
 	// Grid, ticks and tick labels.
-	for v := 0.0; v <= xMax+step/2; v += step {
+	for _, v := range ticks {
 		x := px(v)
 		vline(img, x, y1, y0, gridGray)
 		vline(img, x, y0, y0+6, black)
@@ -103,7 +135,7 @@ func PlotCDF(w io.Writer, title, xLabel string, series []Series, marks []Mark) e
 		v := slices.Clone(s.Values)
 		slices.Sort(v)
 		n := float64(len(v))
-		prevX, prevY := px(0), py(0)
+		prevX, prevY := x0, py(0)
 		for i, val := range v {
 			x := px(val)
 			line(img, prevX, prevY, x, prevY, s.Color)

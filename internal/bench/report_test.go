@@ -137,8 +137,16 @@ func TestWriteMarkdownPauseSupported(t *testing.T) {
 }
 
 func TestPlotTTI(t *testing.T) {
+	spread := sample()
+	spread.SDK.TTI.Burst = []float64{11000, 13000, 14000} // more than a decade: a log axis
+	for name, r := range map[string]*Results{"linear axis": sample(), "log axis": spread} {
+		t.Run(name, func(t *testing.T) { checkPlot(t, r) })
+	}
+}
+
+func checkPlot(t *testing.T, r *Results) {
 	var b bytes.Buffer
-	if err := sample().PlotTTI(&b); err != nil {
+	if err := r.PlotTTI(&b); err != nil {
 		t.Fatal(err)
 	}
 	img, err := png.Decode(&b)
