@@ -47,8 +47,12 @@ test-go:
 test-compat: build
 	cd test/compat && ./run.sh
 
-## bench: envd benchmarks through the npm SDK (results go into BENCHMARKS.md by hand).
+## bench: `warren bench` (TTI, commands, files, density, pause through the npm SDK, each beside its floor; needs the
+## host's network slots, so no `warren up` or VM tests meanwhile; report, plot and samples in $(BENCH_OUT)), then the
+## envd-only SDK benchmarks. Results go into BENCHMARKS.md by hand. Flags through WARREN_BENCH_* (see warren bench --help).
+BENCH_OUT ?= /var/tmp/warren-bench/report
 bench: build
+	$(BIN)/warren bench --out $(BENCH_OUT)
 	cd test/compat && ./bench.sh
 
 ## up: install what is missing, build, and run warren.
