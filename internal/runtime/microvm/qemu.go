@@ -125,12 +125,14 @@ type Machine struct {
 
 	// MemoryFile, when set, holds the guest's RAM (memory-backend-file).
 	// MemoryShared writes the guest's RAM to the file (share=on), which lets a
-	// snapshot skip copying it; otherwise the file is a snapshot's memory,
-	// mapped copy-on-write (share=off) and never written.
+	// snapshot skip copying it (a new file, or a paused VM's own memory);
+	// otherwise the file is a snapshot's memory, mapped copy-on-write
+	// (share=off) and never written.
 	MemoryFile   string
 	MemoryShared bool
 	// Incoming starts the VM paused, waiting for a migration stream
-	// (migrate-incoming over QMP): a restore.
+	// (migrate-incoming over QMP): a restore. The stream fills the RAM, or,
+	// when it skips a shared RAM block (x-ignore-shared), MemoryFile is it.
 	Incoming bool
 
 	QMPSocket string // unix socket QEMU listens on for QMP
@@ -253,8 +255,8 @@ func (m Machine) validate() error {
 	if len(m.MAC) != 6 {
 		errs = append(errs, fmt.Errorf("MAC %q is not an Ethernet address", m.MAC))
 	}
-	if m.Incoming && (m.MemoryFile == "" || m.MemoryShared) {
-		errs = append(errs, errors.New("a restore (Incoming) maps a snapshot's memory file copy-on-write: set MemoryFile, not MemoryShared"))
+	if m.Incoming && m.MemoryFile == "" {
+		errs = append(errs, errors.New("a restore (Incoming) needs a MemoryFile: the snapshot's, or the VM's own"))
 	}
 	if m.Append == "" {
 		if !m.Network.Addr.IsValid() || !m.Network.Addr.Addr().Is4() {
