@@ -168,14 +168,17 @@ func (l *Local) Clean(ctx context.Context) error {
 	return nil
 }
 
-// diskUsage adds up the allocated blocks of the files under p, counting a
-// file with several links once.
+// diskUsage adds up the allocated blocks of the files under p (directories
+// are not counted), counting a file with several links once.
 func diskUsage(p string) (int64, error) {
 	var total int64
 	seen := map[uint64]bool{}
 	err := filepath.WalkDir(p, func(_ string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
+		}
+		if d.IsDir() {
+			return nil // a few KB each; an empty prefix takes nothing
 		}
 		fi, err := d.Info()
 		if err != nil {
@@ -186,7 +189,7 @@ func diskUsage(p string) (int64, error) {
 			total += fi.Size()
 			return nil
 		}
-		if st.Nlink > 1 && !d.IsDir() {
+		if st.Nlink > 1 {
 			if seen[st.Ino] {
 				return nil
 			}

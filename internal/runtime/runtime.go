@@ -24,10 +24,12 @@
 // (the disk only: the guest must have synced its file systems) into a
 // directory of its own, then Kill. It resumes with Start{Snapshot: dir,
 // Resume: true}, which consumes dir: the VM takes over its files by rename,
-// and dir is gone once Start succeeds (and as it was when Start fails). A
-// resumed VM is like a cold-booted one: its RAM is a file of its own, so its
-// next Snapshot is the fast one again. A resume from a SaveDisk cold boots the
-// saved VM's kernel on the saved disk.
+// and dir is gone once Start succeeds (and as it was when Start fails). How
+// fast a Snapshot is depends on where the VM's RAM is: a file of its own (a
+// cold boot, or a resume of a snapshot whose RAM was such a file) is handed
+// over in milliseconds; private RAM (a template's clone, or a VM restored
+// from a snapshot whose RAM is in the stream) is copied. A resume from a
+// SaveDisk cold boots the saved VM's kernel on the saved disk.
 //
 // Checkpoint saves a running VM without stopping it for good (named
 // snapshots, fork): the VM pauses for the save and continues. Any number of

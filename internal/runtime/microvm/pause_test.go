@@ -96,50 +96,82 @@ func resume(t *testing.T, rt *microvm.Runtime, pool *netns.Pool, it *iteration, 
 }
 
 // TestPauseResume pauses a clone of the template (its RAM goes into the
-// stream), resumes it consuming the snapshot, pauses and resumes it again
-// (now by handing its RAM file over), and checks that memory, disk and a
-// running process survive every cycle and that nothing is left behind.
+// stream) and resumes it, consuming the snapshot, twice; then pauses it
+// without memory and resumes it by a cold boot on its disk, which gives it a
+// RAM file of its own, and pauses and resumes it twice more by handing that
+// file over. Memory, disk and a running process survive every cycle with
+// memory; a resume that fails keeps the saved state; nothing is left behind.
 func TestPauseResume(t *testing.T) {
 	rt, pool := newRuntime(t), newPool(t)
 	tp := snapshotTemplate(t, rt, pool)
 	saved := t.TempDir()
+	const id = "pausee"
 
 	it := &iteration{TB: t}
-	defer it.cleanup()
-	sb := start(it, rt, pool, tp.restoreSpec("pausee"))
+	defer func() { it.cleanup() }()
+	sb := start(it, rt, pool, tp.restoreSpec(id))
 	sb.waitHealthy(t, 30*time.Second)
 	sb.init(t, entropyBody())
 	g := plant(t, sb)
 	sb.run(t, "user", "echo on-disk > ~/disk && echo unsynced > ~/unsynced-disk && sync ~/disk")
 
-	// A clone's RAM is a private mapping of the template's: into the stream.
-	dir1 := filepath.Join(saved, "pause-1")
-	pause(t, rt, it, sb, dir1)
-	if m, _ := microvm.ReadManifest(dir1); m.Memory != microvm.MemoryInState {
-		t.Errorf("first pause: memory %q, want %q", m.Memory, microvm.MemoryInState)
+	n := 0
+	cycle := func(want microvm.MemoryForm) {
+		t.Helper()
+		n++
+		dir := filepath.Join(saved, "pause-"+strconv.Itoa(n))
+		pause(t, rt, it, sb, dir)
+		if m, _ := microvm.ReadManifest(dir); m.Memory != want {
+			t.Errorf("pause %d: memory %q, want %q", n, m.Memory, want)
+		}
+		if _, err := os.Stat(filepath.Join(dir, "mem")); (err == nil) != (want == microvm.MemoryInFile) {
+			t.Errorf("pause %d: mem file: %v", n, err)
+		}
+		it = &iteration{TB: t}
+		sb = resume(t, rt, pool, it, id, dir)
+		g.check(t, sb)
+		if got := sb.run(t, "user", "cat ~/disk ~/unsynced-disk"); got != "on-disk\nunsynced\n" {
+			t.Errorf("after resume %d the disk files read %q", n, got)
+		}
+		sb.run(t, "user", "echo "+strconv.Itoa(n)+" >> ~/cycles && echo "+strconv.Itoa(n)+" >> /tmp/cycles")
 	}
-	if _, err := os.Stat(filepath.Join(dir1, "mem")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("a stream snapshot has a mem file (%v)", err)
+	// A clone's RAM is a private mapping of the template's, and a VM
+	// restored from the stream has anonymous RAM: into the stream both times.
+	cycle(microvm.MemoryInState)
+	cycle(microvm.MemoryInState)
+	if got := sb.run(t, "user", "cat ~/cycles /tmp/cycles"); got != "1\n2\n1\n2\n" {
+		t.Errorf("after two cycles the files read %q", got)
 	}
 
+	// Without memory: the guest syncs, the disk alone is saved, and a resume
+	// cold boots on it.
+	sb.run(t, "root", "echo synced > /home/user/synced && sync")
+	dir := filepath.Join(saved, "disk-only")
+	if err := rt.SaveDisk(context.Background(), sb.vm, dir); err != nil {
+		t.Fatal(err)
+	}
+	it.cleanup()
+	if m, err := microvm.ReadManifest(dir); err != nil || m.Memory != microvm.NoMemory {
+		t.Fatalf("SaveDisk manifest %+v, %v; want memory none", m, err)
+	}
 	it = &iteration{TB: t}
-	defer it.cleanup()
-	sb = resume(t, rt, pool, it, "pausee", dir1)
-	g.check(t, sb)
-	if got := sb.run(t, "user", "cat ~/disk ~/unsynced-disk"); got != "on-disk\nunsynced\n" {
-		t.Errorf("after the first resume the disk files read %q", got)
+	sb = resume(t, rt, pool, it, id, dir)
+	if got := sb.run(t, "user", "cat ~/disk ~/cycles ~/synced; ls /tmp"); got != "on-disk\n1\n2\nsynced\n" {
+		t.Errorf("after a resume without memory the home files and /tmp read %q, want the disk files and an empty /tmp", got)
 	}
-	sb.run(t, "user", "echo second > ~/second && echo second-ram > /tmp/second")
 
-	// A resumed VM owns its RAM file: the second pause is the fast one.
-	dir2 := filepath.Join(saved, "pause-2")
-	pause(t, rt, it, sb, dir2)
-	if m, _ := microvm.ReadManifest(dir2); m.Memory != microvm.MemoryInFile {
-		t.Errorf("second pause: memory %q, want %q", m.Memory, microvm.MemoryInFile)
-	}
+	// The cold-booted VM owns its RAM file: its pauses hand it over.
+	g = plant(t, sb)
+	n = 2
+	cycle(microvm.MemoryInFile)
 
 	t.Run("a failed resume keeps the saved state", func(t *testing.T) {
-		state := filepath.Join(dir2, "state")
+		dir := filepath.Join(saved, "broken")
+		if err := rt.Snapshot(context.Background(), sb.vm, dir); err != nil {
+			t.Fatal(err)
+		}
+		it.cleanup()
+		state := filepath.Join(dir, "state")
 		good, err := os.ReadFile(state)
 		if err != nil {
 			t.Fatal(err)
@@ -147,54 +179,36 @@ func TestPauseResume(t *testing.T) {
 		if err := os.WriteFile(state, []byte("not a migration stream"), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		defer os.WriteFile(state, good, 0o600)
 		slot, err := pool.Acquire(context.Background(), netns.Policy{})
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer pool.Release(slot)
-		vm, err := rt.Start(context.Background(), runtime.Spec{ID: "pausee", Snapshot: dir2, Resume: true, Slot: slot})
+		vm, err := rt.Start(context.Background(), runtime.Spec{ID: id, Snapshot: dir, Resume: true, Slot: slot})
+		pool.Release(slot)
 		if err == nil {
 			rt.Kill(context.Background(), vm)
 			t.Fatal("a resume from a broken device state succeeded")
 		}
 		t.Logf("Start: %v", err)
 		for _, f := range []string{"mem", "rootfs.qcow2", "manifest.json"} {
-			if _, err := os.Stat(filepath.Join(dir2, f)); err != nil {
+			if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
 				t.Errorf("after a failed resume: %v", err)
 			}
 		}
 		if ids, _ := rt.List(context.Background()); len(ids) != 0 {
 			t.Errorf("a failed resume left VM state: %v", ids)
 		}
+		if err := os.WriteFile(state, good, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		it = &iteration{TB: t}
+		sb = resume(t, rt, pool, it, id, dir)
+		g.check(t, sb)
 	})
-
-	it = &iteration{TB: t}
-	defer it.cleanup()
-	sb = resume(t, rt, pool, it, "pausee", dir2)
-	g.check(t, sb)
-	if got := sb.run(t, "user", "cat ~/disk ~/second /tmp/second"); got != "on-disk\nsecond\nsecond-ram\n" {
-		t.Errorf("after the second resume the files read %q", got)
+	cycle(microvm.MemoryInFile)
+	if got := sb.run(t, "user", "cat ~/cycles /tmp/cycles"); got != "1\n2\n3\n4\n3\n4\n" {
+		t.Errorf("at the end the files read %q", got)
 	}
-
-	// Without memory: the guest syncs, the disk alone is saved, and a resume
-	// cold boots on it.
-	sb.run(t, "root", "echo synced > /home/user/synced && sync")
-	dir3 := filepath.Join(saved, "pause-3")
-	if err := rt.SaveDisk(context.Background(), sb.vm, dir3); err != nil {
-		t.Fatal(err)
-	}
-	it.cleanup()
-	if m, err := microvm.ReadManifest(dir3); err != nil || m.Memory != microvm.NoMemory {
-		t.Fatalf("SaveDisk manifest %+v, %v; want memory none", m, err)
-	}
-	it = &iteration{TB: t}
-	defer it.cleanup()
-	sb = resume(t, rt, pool, it, "pausee", dir3)
-	if got := sb.run(t, "user", "cat ~/disk ~/second ~/synced; ls /tmp"); got != "on-disk\nsecond\nsynced\n" {
-		t.Errorf("after a resume without memory the home files and /tmp read %q, want the disk files and an empty /tmp", got)
-	}
-	sb.run(t, "user", "echo still-writable > ~/after && sync")
 	it.cleanup()
 
 	if ids, err := rt.List(context.Background()); err != nil || len(ids) != 0 {

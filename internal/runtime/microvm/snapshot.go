@@ -20,7 +20,7 @@ import (
 //	mem            (memory "file") the guest's RAM, the VM's memory file itself
 //	               (share=on, so the migration stream skipped it:
 //	               x-ignore-shared); restores map it copy-on-write (share=off)
-//	               and never write it, or a resume takes it over
+//	               and never write it, or a resume takes it over (share=on)
 //	state          QEMU's device state, from `migrate exec:cat > state` (QEMU
 //	               7.2 has no file: URI): tens of KB; with memory "stream" also
 //	               every non-zero page of the guest's RAM (a VM whose RAM was
@@ -46,9 +46,8 @@ const (
 	// resumed) writes it in milliseconds.
 	MemoryInFile MemoryForm = "file"
 	// MemoryInState: the RAM is in the migration stream, state. Snapshot of
-	// a VM whose RAM is a private copy-on-write mapping of another snapshot's
-	// mem, and Checkpoint, write it; the save and each restore copy every
-	// non-zero page.
+	// a VM with private RAM, and Checkpoint, write it; the save and each
+	// restore copy every non-zero page (a restore into anonymous memory).
 	MemoryInState MemoryForm = "stream"
 	// NoMemory: the disk alone (SaveDisk); a restore cold boots.
 	NoMemory MemoryForm = "none"
@@ -157,12 +156,13 @@ func ReadManifest(dir string) (*Manifest, error) {
 }
 
 // Snapshot saves the VM into dir and leaves it stopped for good. A VM whose
-// RAM is a file of its own (cold booted, or resumed) is saved in
-// milliseconds: its vCPUs stop, a migration that skips the shared RAM file
-// (x-ignore-shared) writes the device state, and the RAM file and the disk
-// overlay move into dir (MemoryInFile). A VM restored copy-on-write from
-// another snapshot writes its RAM into the migration stream instead
-// (MemoryInState): that takes as long as copying its non-zero pages. The VM's
+// RAM is a file of its own (cold booted, or resumed from a MemoryInFile
+// snapshot) is saved in milliseconds: its vCPUs stop, a migration that skips
+// the shared RAM file (x-ignore-shared) writes the device state, and the RAM
+// file and the disk overlay move into dir (MemoryInFile). A VM with private
+// RAM (a template's clone, or restored from a MemoryInState snapshot) writes
+// its RAM into the migration stream instead (MemoryInState): that takes as
+// long as copying its non-zero pages. The VM's
 // memory and disk are the snapshot's now: Kill it next. dir appears complete
 // or not at all; on error the VM runs on with its files in place.
 func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) error {
