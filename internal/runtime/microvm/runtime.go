@@ -41,7 +41,8 @@ const (
 type Config struct {
 	// Root holds one state directory per VM, <Root>/<id>: it must be on the
 	// same file system as the directories snapshots are written to (a snapshot
-	// takes over the VM's memory file and disk overlay by rename).
+	// takes over the VM's memory file and disk overlay by rename, and a resume
+	// takes them back).
 	Root string
 	// Accel is "auto" (KVM where it works, else TCG; the default), "kvm" or "tcg".
 	Accel string
