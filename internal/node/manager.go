@@ -23,6 +23,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/warren-sh/warren/internal/blob"
 	"github.com/warren-sh/warren/internal/envd"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime"
@@ -36,6 +37,10 @@ type Config struct {
 	// DataDir is warren's data directory; a relative SandboxSpec.Artifact is
 	// resolved against it.
 	DataDir string
+	// Blobs keeps paused sandboxes and snapshots; DataDir/blobs when nil. It
+	// must be on the file system of the Runtime's state root: a pause moves
+	// the VM's memory file and disk there by rename, a resume moves them back.
+	Blobs *blob.Local
 	// Runtime runs the VMs. The Manager owns every VM in it: NewManager kills
 	// the ones it finds (a crashed node's leftovers).
 	Runtime runtime.Runtime
@@ -61,6 +66,7 @@ type Manager struct {
 	id          string
 	dataDir     string
 	rt          runtime.Runtime
+	blobs       *blob.Local
 	slots       *netns.Pool
 	max         int
 	log         *slog.Logger
@@ -84,16 +90,18 @@ type sandbox struct {
 	token string
 
 	// Set by Create before ready closes; read only after.
-	vm    runtime.VM
-	slot  *netns.Slot
-	boot  []LogLine // the node's own account of the start
-	ready chan struct{}
+	vm       runtime.VM
+	slot     *netns.Slot
+	artifact *template.Artifact // what the sandbox started from (with its init secret)
+	boot     []LogLine          // the node's own account of the start
+	ready    chan struct{}
 
 	cancel context.CancelFunc // stops an unfinished Create
 
 	// Guarded by Manager.mu.
-	killing bool          // one Kill owns the teardown
-	gone    chan struct{} // closed when a Kill ends; then killErr is its result
+	killing bool          // one Kill or Pause owns the teardown
+	pausing bool          // ... and it is a Pause
+	gone    chan struct{} // closed when a Kill or Pause ends; then killErr is a Kill's result
 	killErr error
 
 	forgotten chan struct{} // closed once the sandbox is freed: stops its watcher
@@ -110,9 +118,11 @@ const defaultUser = "user"
 
 // NewManager cleans up what an earlier node process left on this host, then
 // returns a Manager with no sandboxes: it kills every VM the runtime still
-// has (rt.List, Adopt, Kill: QEMU processes and state directories) and opens
-// the slot pool, which removes every slot namespace, veth and nftables table
-// (see the package comment: a restarted node starts empty).
+// has (rt.List, Adopt, Kill: QEMU processes and state directories), removes
+// unfinished saves from the blob storage and opens the slot pool, which
+// removes every slot namespace, veth and nftables table (see the package
+// comment: a restarted node starts empty). Paused sandboxes and snapshots in
+// the blob storage are kept: they resume on the new node.
 func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if cfg.Runtime == nil {
 		return nil, errors.New("node: Config.Runtime is required")
@@ -146,6 +156,16 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if err := reapLeftovers(ctx, cfg.Runtime, log); err != nil {
 		return nil, fmt.Errorf("node: clean up after the last node process: %w", err)
 	}
+	blobs := cfg.Blobs
+	if blobs == nil {
+		if cfg.DataDir == "" {
+			return nil, errors.New("node: Config needs a DataDir or Blobs")
+		}
+		blobs = &blob.Local{Root: filepath.Join(cfg.DataDir, "blobs")}
+	}
+	if err := blobs.Clean(ctx); err != nil {
+		return nil, fmt.Errorf("node: clean up after the last node process: %w", err)
+	}
 	pool, err := netns.NewPool(ctx, netns.Config{Range: cfg.SlotRange})
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
@@ -156,7 +176,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	// guests (under TCG, 20 idle clones fill 2 cores).
 	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	m := &Manager{
-		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, slots: pool, max: max, log: log, dns: cfg.DNS,
+		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
 		client:      &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
 		probeDialer: &net.Dialer{Timeout: 100 * time.Millisecond},
 		sandboxes:   map[string]*sandbox{},
@@ -230,7 +250,8 @@ func (m *Manager) ID() string { return m.id }
 func (m *Manager) Slots() *netns.Pool { return m.slots }
 
 // Create starts the sandbox spec.ID from the template build at spec.Artifact
-// and returns once its envd has accepted /init. It fails with ErrFull when
+// (or resumes the paused sandbox spec.Resume) and returns once its envd has
+// accepted /init. It fails with ErrFull when
 // MaxSandboxes sandboxes run (or start) or no network slot is left. On any
 // error, or when Kill or Close stop it midway, nothing of the sandbox is left.
 // The build fixes the VM's size: spec.CPUCount and spec.MemoryMB are the
@@ -287,11 +308,24 @@ func (m *Manager) Create(ctx context.Context, spec SandboxSpec) (*SandboxInfo, e
 }
 
 // start takes a slot, restores the VM and initializes its envd. On error it
-// undoes all of it, and sb.vm stays nil.
+// undoes all of it, and sb.vm stays nil; a resume puts the sandbox's saved
+// state back.
 func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err error) {
 	began := time.Now()
-	a, err := m.artifact(spec.Artifact)
-	if err != nil {
+	var (
+		a      *template.Artifact
+		paused *pausedRecord
+		vmDir  string // a resume's runtime snapshot
+	)
+	if spec.Resume != "" {
+		if paused, vmDir, err = m.readPaused(spec.Resume, spec.ID); err != nil {
+			return err
+		}
+		a = paused.Artifact
+		if sb.info.TemplateID == "" {
+			sb.info.TemplateID = paused.TemplateID
+		}
+	} else if a, err = m.artifact(spec.Artifact); err != nil {
 		return err
 	}
 	slot, err := m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
@@ -309,6 +343,13 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		// Undo with a context of our own: the caller's may be what failed.
 		undo, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
+		if vm != nil && paused != nil {
+			// The resumed VM owns the saved state now: save it again.
+			if serr := m.resave(undo, vm, vmDir, paused.Memory); serr != nil {
+				m.log.Error("save a sandbox whose resume failed again; its paused state is lost", "sandbox", spec.ID, "key", spec.Resume, "err", serr)
+				err = errors.Join(err, fmt.Errorf("save it again (its paused state is lost): %w", serr))
+			}
+		}
 		if vm != nil {
 			if kerr := m.rt.Kill(undo, vm); kerr != nil {
 				// The VM may still run in the slot: keep the slot out of the pool.
@@ -321,7 +362,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 			m.log.Error("release the slot of a sandbox that failed to start", "sandbox", spec.ID, "err", rerr)
 		}
 	}()
-	if vm, err = m.rt.Start(ctx, a.Spec(spec.ID, slot)); err != nil {
+	rtSpec := a.Spec(spec.ID, slot)
+	if paused != nil {
+		rtSpec = runtime.Spec{ID: spec.ID, Slot: slot, Snapshot: vmDir, Resume: true}
+	}
+	if vm, err = m.rt.Start(ctx, rtSpec); err != nil {
 		return err
 	}
 	restored := time.Now().UTC()
@@ -335,18 +380,28 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	if err != nil {
 		return withConsole(err, vm)
 	}
-	sb.vm, sb.slot = vm, slot
+	if paused != nil {
+		// The sandbox runs again: its saved state is used up.
+		if derr := m.blobs.Delete(ctx, spec.Resume); derr != nil {
+			m.log.Warn("remove a resumed sandbox's paused state", "sandbox", spec.ID, "key", spec.Resume, "err", derr)
+		}
+	}
+	sb.vm, sb.slot, sb.artifact = vm, slot, a
 	sb.info.Host = slot.SlotIP.String()
 	sb.info.EnvdVersion = version
 	sb.info.StartedAt = time.Now().UTC()
+	what := fmt.Sprintf("restored template build %s", a.BuildID)
+	if paused != nil {
+		what = fmt.Sprintf("resumed the sandbox paused at %s (memory: %v)", paused.PausedAt.Format(time.RFC3339), paused.Memory)
+	}
 	sb.boot = []LogLine{
-		{Time: restored, Source: "boot", Message: fmt.Sprintf("restored template build %s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
-			a.BuildID, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
+		{Time: restored, Source: "boot", Message: fmt.Sprintf("%s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
+			what, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
 		{Time: listening, Source: "boot", Message: fmt.Sprintf("envd listened %s after the restore", listening.Sub(restored).Round(time.Millisecond))},
 		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s)",
 			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser))},
 	}
-	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "took", time.Since(began).Round(time.Millisecond))
+	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "resumed", paused != nil, "took", time.Since(began).Round(time.Millisecond))
 	return nil
 }
 
@@ -362,6 +417,20 @@ func withTemplateDefaults(spec SandboxSpec, a *template.Artifact) SandboxSpec {
 	spec.DefaultUser = cmp.Or(spec.DefaultUser, a.User)
 	spec.DefaultWorkdir = cmp.Or(spec.DefaultWorkdir, a.Workdir)
 	return spec
+}
+
+// resave saves a resumed VM that failed to come up back where its resume
+// took it from (a resume must not lose the sandbox).
+func (m *Manager) resave(ctx context.Context, vm runtime.VM, dir string, memory bool) error {
+	select {
+	case <-vm.Done():
+		return errors.New("its VM exited")
+	default:
+	}
+	if memory {
+		return m.rt.Snapshot(ctx, vm, dir)
+	}
+	return m.rt.SaveDisk(ctx, vm, dir)
 }
 
 // artifact loads (once) the template build in dir, relative to the data dir.
@@ -487,22 +556,27 @@ func (m *Manager) watch(sb *sandbox) {
 func (m *Manager) Kill(ctx context.Context, id string) error {
 	m.mu.Lock()
 	sb := m.sandboxes[id]
-	if sb == nil {
-		m.mu.Unlock()
-		return fmt.Errorf("node: kill %s: %w", id, ErrNotFound)
-	}
-	if sb.killing {
-		gone := sb.gone
+	for sb != nil && sb.killing {
+		gone, pausing := sb.gone, sb.pausing
 		m.mu.Unlock()
 		select {
 		case <-gone:
 		case <-ctx.Done():
 			return fmt.Errorf("node: kill %s: %w", id, ctx.Err())
 		}
+		if !pausing {
+			m.mu.Lock()
+			err := sb.killErr
+			m.mu.Unlock()
+			return err
+		}
+		// A Pause ended: the sandbox is gone (paused) or runs on.
 		m.mu.Lock()
-		err := sb.killErr
+		sb = m.sandboxes[id]
+	}
+	if sb == nil {
 		m.mu.Unlock()
-		return err
+		return fmt.Errorf("node: kill %s: %w", id, ErrNotFound)
 	}
 	sb.killing = true
 	m.mu.Unlock()
@@ -546,7 +620,7 @@ func (m *Manager) finishKill(sb *sandbox, err error) {
 		close(sb.forgotten)
 		return
 	}
-	sb.killing = false
+	sb.killing, sb.pausing = false, false
 	sb.gone = make(chan struct{})
 }
 

@@ -11,7 +11,8 @@
 // the next one: the slot pool rebuilds every slot namespace at start. So
 // NewManager kills every VM it finds and removes its state, and a restarted
 // node starts empty; the control plane's reconcile marks the sandboxes it
-// stored for the node lost.
+// stored for the node lost. What Pause and Snapshot saved in the node's blob
+// storage survives a restart: paused sandboxes resume on the new node.
 package node
 
 import (
@@ -25,6 +26,10 @@ var ErrNotFound = errors.New("sandbox not found on this node")
 
 // ErrFull is returned when the node has no room for another sandbox.
 var ErrFull = errors.New("node full")
+
+// ErrBusy is returned for a sandbox that is starting, being paused or being
+// killed, when the operation needs it running.
+var ErrBusy = errors.New("sandbox is starting, pausing or being killed")
 
 // SandboxSpec is everything a node needs to start a sandbox.
 type SandboxSpec struct {
@@ -43,8 +48,11 @@ type SandboxSpec struct {
 	AllowInternet  bool
 	// Resume, when set, starts the sandbox from what Pause saved (the key
 	// PausedSandbox.Key) instead of from the template's snapshot: the same
-	// sandbox, its memory, disk and processes. The saved state is consumed:
-	// the node removes it once the sandbox runs again.
+	// sandbox (ID must be the paused one's), its memory, disk and processes
+	// (without memory: its disk, booted afresh). Artifact is not needed: the
+	// saved state names what it needs. The saved state is consumed: the node
+	// removes it once the sandbox runs again, and keeps it when the resume
+	// fails (or is killed midway).
 	Resume string
 }
 
@@ -90,7 +98,10 @@ type Node interface {
 	// Pause saves a running sandbox (with memory: its RAM, device state and
 	// disk; without: its disk only, after the guest synced its file systems)
 	// into the node's blob storage, then stops it and frees its slot and
-	// memory. Create with SandboxSpec.Resume = the returned Key brings it back.
+	// memory: it leaves List. Create with SandboxSpec.Resume = the returned
+	// Key (and the same sandbox ID) brings it back. ErrBusy while the sandbox
+	// starts, pauses or is killed; on other errors it runs on unless the
+	// error says it was stopped.
 	Pause(ctx context.Context, id string, memory bool) (*PausedSandbox, error)
 	// DeletePaused removes what Pause saved under key; no error if it is gone.
 	DeletePaused(ctx context.Context, key string) error

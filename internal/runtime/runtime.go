@@ -18,6 +18,24 @@
 //	                                 // dir now serves Starts with Spec.Snapshot = dir
 //	err = rt.Kill(ctx, vm)           // always last: stops the VM, frees its state
 //
+// # Pause, resume and checkpoints
+//
+// A sandbox is paused by a Snapshot (memory, devices and disk) or a SaveDisk
+// (the disk only: the guest must have synced its file systems) into a
+// directory of its own, then Kill. It resumes with Start{Snapshot: dir,
+// Resume: true}, which consumes dir: the VM takes over its files by rename,
+// and dir is gone once Start succeeds (and as it was when Start fails). How
+// fast a Snapshot is depends on where the VM's RAM is: a file of its own (a
+// cold boot, or a resume of a snapshot whose RAM was such a file) is handed
+// over in milliseconds; private RAM (a template's clone, or a VM restored
+// from a snapshot whose RAM is in the stream) is copied. A resume from a
+// SaveDisk cold boots the saved VM's kernel on the saved disk.
+//
+// Checkpoint saves a running VM without stopping it for good (named
+// snapshots, fork): the VM pauses for the save and continues. Any number of
+// Starts restore a checkpoint, and each takes a copy of what it needs, so a
+// VM restored from it keeps running when the checkpoint is deleted.
+//
 // Every VM owns a state directory (its disk overlay, logs, control socket and a
 // record of its Spec) that outlives the node process: a VM keeps running when
 // the node crashes. After a restart the node calls List and, for each ID,
@@ -41,8 +59,17 @@ type Runtime interface {
 	Start(ctx context.Context, spec Spec) (VM, error)
 	// Snapshot saves a running VM into dir (which must not exist) and leaves
 	// the VM stopped for good: its memory now belongs to the snapshot. Kill it
-	// next.
+	// next. On error the VM runs on as before and dir does not exist.
 	Snapshot(ctx context.Context, vm VM, dir string) error
+	// Checkpoint saves a running VM into dir (which must not exist) like
+	// Snapshot, but the VM continues once the save is done (it is stopped
+	// meanwhile). On error the VM runs on and dir does not exist.
+	Checkpoint(ctx context.Context, vm VM, dir string) error
+	// SaveDisk stops the VM for good and saves only its disk into dir (which
+	// must not exist): what the guest had not synced to its disk is lost, and
+	// so are its processes. A Start of dir cold boots the saved VM's kernel
+	// on the saved disk. Kill the VM next.
+	SaveDisk(ctx context.Context, vm VM, dir string) error
 	// Kill stops the VM (gracefully for a moment, then by force), waits for
 	// its process to exit and removes its state directory.
 	Kill(ctx context.Context, vm VM) error
@@ -70,13 +97,18 @@ type Spec struct {
 	// is never written: each VM writes to its own copy-on-write overlay. A
 	// restore takes the snapshot's disk; when set it must be the snapshot's.
 	RootDisk string
-	// Snapshot is a directory written by Runtime.Snapshot to restore instead
-	// of booting; empty for a cold boot.
+	// Snapshot is a directory written by Runtime.Snapshot, Checkpoint or
+	// SaveDisk to restore instead of booting; empty for a cold boot.
 	Snapshot string
 	// Overlay, when set, is where the VM's copy-on-write disk overlay is
 	// made (it must not exist) instead of inside the VM's state directory.
 	// The runtime never removes it: a template build keeps it as a layer.
 	Overlay string
+	// Resume says Snapshot is this VM's own saved state (a paused sandbox):
+	// the runtime moves its files into the VM's state directory instead of
+	// copying or layering over them, and the Snapshot directory is gone once
+	// Start succeeds. When Start fails the directory is left as it was.
+	Resume bool
 	// Slot is the sandbox's network: the VM runs inside its namespace, on its
 	// tap, with its guest address and MAC (the same in every slot, so a
 	// snapshot restores in any slot).

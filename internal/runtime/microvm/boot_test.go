@@ -149,4 +149,5 @@ func (i *iteration) cleanup() {
 	for _, f := range slices.Backward(i.cleanups) {
 		f()
 	}
+	i.cleanups = nil
 }

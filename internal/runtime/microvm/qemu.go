@@ -123,14 +123,18 @@ type Machine struct {
 	// from the fields above: a restore repeats its snapshot's.
 	Append string
 
-	// MemoryFile, when set, holds the guest's RAM (memory-backend-file).
+	// MemoryFile, when set, holds the guest's RAM (memory-backend-file);
+	// otherwise the RAM is anonymous memory (memory-backend-ram).
 	// MemoryShared writes the guest's RAM to the file (share=on), which lets a
-	// snapshot skip copying it; otherwise the file is a snapshot's memory,
-	// mapped copy-on-write (share=off) and never written.
+	// snapshot skip copying it (a new file, or a paused VM's own memory);
+	// otherwise the file is a snapshot's memory, mapped copy-on-write
+	// (share=off) and never written.
 	MemoryFile   string
 	MemoryShared bool
 	// Incoming starts the VM paused, waiting for a migration stream
-	// (migrate-incoming over QMP): a restore.
+	// (migrate-incoming over QMP): a restore. The stream fills the RAM, or,
+	// when it skips a shared RAM block (x-ignore-shared), MemoryFile is it.
+	// A stream that skipped the RAM needs the snapshot's MemoryFile.
 	Incoming bool
 
 	QMPSocket string // unix socket QEMU listens on for QMP
@@ -154,13 +158,16 @@ func (m Machine) Args() ([]string, error) {
 	cpus, mem := max(m.CPUs, 1), m.memoryMiB()
 	machine := machineOptions
 	var memory []string
+	// The RAM block is "ram" whatever backs it: a migration stream names it.
 	if m.MemoryFile != "" {
 		// x-ignore-shared skips a shared RAM block in the migration stream:
 		// the file already is the memory.
 		share := map[bool]string{true: "on", false: "off"}[m.MemoryShared]
 		memory = []string{"-object", fmt.Sprintf("memory-backend-file,id=ram,size=%dM,mem-path=%s,share=%s", mem, escape(m.MemoryFile), share)}
-		machine += ",memory-backend=ram"
+	} else {
+		memory = []string{"-object", fmt.Sprintf("memory-backend-ram,id=ram,size=%dM", mem)}
 	}
+	machine += ",memory-backend=ram"
 	args := []string{
 		"-M", machine,
 		"-accel", string(m.Accel),
@@ -252,9 +259,6 @@ func (m Machine) validate() error {
 	}
 	if len(m.MAC) != 6 {
 		errs = append(errs, fmt.Errorf("MAC %q is not an Ethernet address", m.MAC))
-	}
-	if m.Incoming && (m.MemoryFile == "" || m.MemoryShared) {
-		errs = append(errs, errors.New("a restore (Incoming) maps a snapshot's memory file copy-on-write: set MemoryFile, not MemoryShared"))
 	}
 	if m.Append == "" {
 		if !m.Network.Addr.IsValid() || !m.Network.Addr.Addr().Is4() {

@@ -1,6 +1,7 @@
 package microvm
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -14,18 +15,20 @@ import (
 	"github.com/warren-sh/warren/internal/runtime"
 )
 
-// A snapshot directory holds a stopped VM, ready to be restored any number of
-// times, concurrently:
+// A snapshot directory holds a stopped VM, ready to be restored:
 //
-//	mem            the guest's RAM, the cold-booted VM's memory file itself
+//	mem            (memory "file") the guest's RAM, the VM's memory file itself
 //	               (share=on, so the migration stream skipped it:
 //	               x-ignore-shared); restores map it copy-on-write (share=off)
-//	               and never write it
+//	               and never write it, or a resume takes it over (share=on)
 //	state          QEMU's device state, from `migrate exec:cat > state` (QEMU
-//	               7.2 has no file: URI); tens of KB
-//	rootfs.qcow2   the VM's disk overlay as of the save, over Hardware.RootDisk:
-//	               the guest's page cache and file system state in mem match it,
-//	               so every restore writes to its own overlay over this one
+//	               7.2 has no file: URI): tens of KB; with memory "stream" also
+//	               every non-zero page of the guest's RAM (a VM whose RAM was
+//	               private, or a Checkpoint); none with memory "none"
+//	rootfs.qcow2   the VM's disk overlay as of the save, over DiskBacking: the
+//	               guest's page cache and file system state in the RAM match
+//	               it, so every restore writes to its own overlay over this one
+//	               (memory "file") or to its own copy of it (the others)
 //	manifest.json  Manifest: what a restoring QEMU must reproduce
 const (
 	snapMemFile      = "mem"
@@ -34,12 +37,34 @@ const (
 	snapManifestFile = "manifest.json"
 )
 
+// MemoryForm says where a snapshot keeps the guest's RAM.
+type MemoryForm string
+
+const (
+	// MemoryInFile: the RAM is the file mem, the device state alone is in
+	// state. Snapshot of a VM whose RAM is a file of its own (cold booted or
+	// resumed) writes it in milliseconds.
+	MemoryInFile MemoryForm = "file"
+	// MemoryInState: the RAM is in the migration stream, state. Snapshot of
+	// a VM with private RAM, and Checkpoint, write it; the save and each
+	// restore copy every non-zero page (a restore into anonymous memory).
+	MemoryInState MemoryForm = "stream"
+	// NoMemory: the disk alone (SaveDisk); a restore cold boots.
+	NoMemory MemoryForm = "none"
+)
+
 // Manifest describes a snapshot (manifest.json).
 type Manifest struct {
 	// Hardware is the saved VM's; a restore reproduces it exactly.
 	Hardware hardware `json:"hardware"`
+	// Memory says where the RAM is; empty in manifests older than the field,
+	// which are all MemoryInFile.
+	Memory MemoryForm `json:"memory,omitempty"`
 	// Disk is the overlay as saved (rootfs.qcow2): a restore checks it is unchanged.
 	Disk fileID `json:"disk"`
+	// DiskBacking is the image the overlay is over, as of the save; nil in
+	// older manifests, whose overlay is over Hardware.RootDisk.
+	DiskBacking *fileID `json:"diskBacking,omitempty"`
 	// CreatedAt is when the save finished.
 	CreatedAt time.Time `json:"createdAt"`
 	// SaveTime is how long the VM was stopped for the save.
@@ -117,49 +142,58 @@ func ReadManifest(dir string) (*Manifest, error) {
 	if err := json.Unmarshal(b, &m); err != nil {
 		return nil, fmt.Errorf("snapshot %s: %s: %w", dir, snapManifestFile, err)
 	}
+	switch m.Memory {
+	case "":
+		m.Memory = MemoryInFile
+	case MemoryInFile, MemoryInState, NoMemory:
+	default:
+		return nil, fmt.Errorf("snapshot %s: memory %q is not one of file, stream, none (a newer warren wrote it?)", dir, m.Memory)
+	}
+	if m.DiskBacking == nil {
+		m.DiskBacking = &m.Hardware.RootDisk
+	}
 	return &m, nil
 }
 
-// Snapshot saves the VM into dir: it stops the vCPUs, writes the device state
-// with a migration that skips the shared RAM file (x-ignore-shared), then
-// moves the RAM file and the disk overlay into dir and writes the manifest.
-// The VM stays stopped: its memory is the snapshot's now, so Kill it next.
-// dir appears complete or not at all. Only a cold-booted VM can be
-// snapshotted for now (a restored one maps its memory copy-on-write).
-func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err error) {
+// Snapshot saves the VM into dir and leaves it stopped for good. A VM whose
+// RAM is a file of its own (cold booted, or resumed from a MemoryInFile
+// snapshot) is saved in milliseconds: its vCPUs stop, a migration that skips
+// the shared RAM file (x-ignore-shared) writes the device state, and the RAM
+// file and the disk overlay move into dir (MemoryInFile). A VM with private
+// RAM (a template's clone, or restored from a MemoryInState snapshot) writes
+// its RAM into the migration stream instead (MemoryInState): that takes as
+// long as copying its non-zero pages. The VM's
+// memory and disk are the snapshot's now: Kill it next. dir appears complete
+// or not at all; on error the VM runs on with its files in place.
+func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) error {
+	return r.save(ctx, rv, dir, false)
+}
+
+// Checkpoint saves the VM into dir (MemoryInState, with a copy of the disk
+// overlay) and lets it continue: its vCPUs stop for the migration and the
+// copy, then run on. dir appears complete or not at all.
+func (r *Runtime) Checkpoint(ctx context.Context, rv runtime.VM, dir string) error {
+	return r.save(ctx, rv, dir, true)
+}
+
+// save is Snapshot (keepRunning false) and Checkpoint (true).
+func (r *Runtime) save(ctx context.Context, rv runtime.VM, dir string, keepRunning bool) (err error) {
 	v, err := r.own(rv)
 	if err != nil {
 		return err
 	}
 	v.ops.Lock()
 	defer v.ops.Unlock()
+	what := map[bool]string{false: "snapshot", true: "checkpoint"}[keepRunning]
 	defer func() {
 		if err != nil {
-			err = fmt.Errorf("microvm: snapshot %s to %s: %w", v.ID(), dir, err)
+			err = fmt.Errorf("microvm: %s %s to %s: %w", what, v.ID(), dir, err)
 		}
 	}()
-	switch {
-	case v.snapshotted:
-		return errors.New("the VM was snapshotted already (and is stopped for good)")
-	case v.rec.Restored != "":
-		return errors.New("the VM was restored from a snapshot; snapshotting a restored VM (pause/resume) is not supported yet")
-	case v.exited():
-		return errors.New("QEMU has exited")
-	case v.diskPath() != v.path(overlayFile):
-		return fmt.Errorf("the VM writes to %s, outside its state directory; SwitchDisk(\"\") first", v.diskPath())
-	}
-	if dir, err = filepath.Abs(dir); err != nil {
+	if err := v.saveable(); err != nil {
 		return err
 	}
-	if _, err := os.Stat(dir); err == nil {
-		return errors.New("the directory exists")
-	}
-	// Everything is written into a temporary directory beside dir, which is
-	// renamed to dir once complete.
-	if err := os.MkdirAll(filepath.Dir(dir), 0o755); err != nil {
-		return err
-	}
-	tmp, err := os.MkdirTemp(filepath.Dir(dir), "."+filepath.Base(dir)+".tmp-")
+	tmp, err := workDirFor(&dir)
 	if err != nil {
 		return err
 	}
@@ -172,6 +206,9 @@ func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err 
 	if strings.ContainsRune(state, '\'') {
 		return fmt.Errorf("path %q holds a single quote: QEMU's exec: URI passes it to a shell", state)
 	}
+	// The fast path: the RAM file is the snapshot's memory as it is.
+	inFile := !keepRunning && v.rec.SharedMemory
+	form := map[bool]MemoryForm{true: MemoryInFile, false: MemoryInState}[inFile]
 
 	q, err := dialQMP(ctx, v.path(qmpFile))
 	if err != nil {
@@ -182,76 +219,236 @@ func (r *Runtime) Snapshot(ctx context.Context, rv runtime.VM, dir string) (err 
 	if err := q.execute(ctx, "stop", nil, nil); err != nil {
 		return err
 	}
-	moved := false
+	var moved moves
+	running := false // whether the vCPUs run again
 	defer func() {
-		// A failed save leaves the VM as it was, unless its files have been
-		// handed over already.
-		if err != nil && !moved {
-			bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-			defer cancel()
-			q.execute(bg, "migrate_cancel", nil, nil) // a no-op unless a migration runs
-			q.execute(bg, "cont", nil, nil)
+		if err == nil || running {
+			return
+		}
+		// A failed save leaves the VM as it was: its files back in place,
+		// the migration (if any) cancelled, the vCPUs running. cont after a
+		// completed migration takes the disk back (QEMU re-activates it).
+		bg, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		if uerr := moved.undo(); uerr != nil {
+			err = errors.Join(err, fmt.Errorf("the VM stays stopped: %w", uerr))
+			v.snapshotted = true
+			return
+		}
+		q.execute(bg, "migrate_cancel", nil, nil) // a no-op unless a migration runs
+		if cerr := q.execute(bg, "cont", nil, nil); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("the VM stays stopped: %w", cerr))
 		}
 	}()
-	if err := migrate(ctx, q, v.done, "migrate", "exec:cat > '"+state+"'"); err != nil {
+	if err := migrate(ctx, q, v.done, "migrate", "exec:cat > '"+state+"'", inFile); err != nil {
 		return err
 	}
 	// The migration flushed and released the disk, and the vCPUs stay
 	// stopped, so neither RAM nor disk changes from here on. QEMU reports
-	// the end before it settles in run state postmigrate; wait for that, so
-	// the VM's state after Snapshot is always the same.
-	saveTime := time.Since(started)
+	// the end before it settles in run state postmigrate; wait for that.
 	if err := waitStatus(ctx, q, "postmigrate"); err != nil {
 		return err
 	}
-	moved = true
-	v.snapshotted = true
-	for from, to := range map[string]string{v.path(memFile): snapMemFile, v.diskPath(): snapDiskFile} {
-		if err := os.Rename(from, filepath.Join(tmp, to)); err != nil {
-			if errors.Is(err, syscall.EXDEV) {
-				return fmt.Errorf("move %s: the snapshot directory must be on the file system of the runtime's root %s", from, r.root)
+	disk := filepath.Join(tmp, snapDiskFile)
+	if keepRunning {
+		if err := copySparse(v.path(overlayFile), disk); err != nil {
+			return err
+		}
+		// The VM takes its disk back and runs on.
+		if err := q.execute(ctx, "cont", nil, nil); err != nil {
+			return err
+		}
+		running = true
+	} else {
+		if err := moved.move(v.path(overlayFile), disk); err != nil {
+			return err
+		}
+		if inFile {
+			if err := moved.move(v.path(memFile), filepath.Join(tmp, snapMemFile)); err != nil {
+				return err
 			}
-			return fmt.Errorf("move %s: %w", from, err)
 		}
 	}
+	saveTime := time.Since(started)
+	if err := r.writeManifest(v, tmp, form, saveTime); err != nil {
+		return err
+	}
+	if inFile {
+		// The RAM file stays readable by restores only; nothing writes it again.
+		if err := os.Chmod(filepath.Join(tmp, snapMemFile), 0o400); err != nil {
+			return err
+		}
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return err
+	}
+	if !keepRunning {
+		v.snapshotted = true
+	}
+	return nil
+}
+
+// SaveDisk stops the VM for good (QEMU quits, which flushes the disk
+// overlay) and moves its disk overlay into dir with a manifest (NoMemory):
+// a Start of dir cold boots the VM's kernel and command line on that disk.
+// The guest's page cache is not saved: have the guest sync first. dir
+// appears complete or not at all; on error after QEMU quit, the overlay
+// stays in the VM's state directory (until Kill).
+func (r *Runtime) SaveDisk(ctx context.Context, rv runtime.VM, dir string) (err error) {
+	v, err := r.own(rv)
+	if err != nil {
+		return err
+	}
+	v.ops.Lock()
+	defer v.ops.Unlock()
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("microvm: save the disk of %s to %s: %w", v.ID(), dir, err)
+		}
+	}()
+	if err := v.saveable(); err != nil {
+		return err
+	}
+	tmp, err := workDirFor(&dir)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			os.RemoveAll(tmp)
+		}
+	}()
+	q, err := dialQMP(ctx, v.path(qmpFile))
+	if err != nil {
+		return err
+	}
+	started := time.Now()
+	// QEMU may close the socket before it answers; its exit decides.
+	q.execute(ctx, "quit", nil, nil)
+	q.Close()
+	select {
+	case <-v.done:
+	case <-ctx.Done():
+		return fmt.Errorf("%s did not quit: %w", Binary, ctx.Err())
+	}
+	v.snapshotted = true
+	var moved moves
+	defer func() {
+		if err != nil {
+			moved.undo()
+		}
+	}()
+	if err := moved.move(v.path(overlayFile), filepath.Join(tmp, snapDiskFile)); err != nil {
+		return err
+	}
+	if err := r.writeManifest(v, tmp, NoMemory, time.Since(started)); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dir)
+}
+
+// saveable checks that v can still be saved.
+func (v *VM) saveable() error {
+	switch {
+	case v.snapshotted:
+		return errors.New("the VM was saved already (and is stopped for good)")
+	case v.exited():
+		return errors.New("QEMU has exited")
+	case v.diskPath() != v.path(overlayFile):
+		// A template build's layer: it must stay where it is.
+		return fmt.Errorf("the VM writes to %s, outside its state directory; SwitchDisk(\"\") first", v.diskPath())
+	}
+	return nil
+}
+
+// workDirFor makes *dir absolute, checks that it does not exist and makes
+// the temporary directory beside it that a save fills and renames to *dir.
+func workDirFor(dir *string) (string, error) {
+	abs, err := filepath.Abs(*dir)
+	if err != nil {
+		return "", err
+	}
+	*dir = abs
+	if _, err := os.Stat(abs); err == nil {
+		return "", errors.New("the directory exists")
+	}
+	if err := os.MkdirAll(filepath.Dir(abs), 0o755); err != nil {
+		return "", err
+	}
+	return os.MkdirTemp(filepath.Dir(abs), "."+filepath.Base(abs)+".tmp-")
+}
+
+// writeManifest writes the manifest of v's save into tmp, whose disk is in
+// place: the boot files and disks identified as they are now.
+func (r *Runtime) writeManifest(v *VM, tmp string, form MemoryForm, saveTime time.Duration) (err error) {
 	hw := v.rec.Hardware
-	for _, f := range []*fileID{&hw.Kernel, &hw.Initramfs} {
+	for _, f := range []*fileID{&hw.Kernel, &hw.Initramfs, &hw.RootDisk} {
 		if *f, err = identify(f.Path); err != nil {
 			return err
 		}
 	}
-	if hw.RootDisk, err = identify(hw.RootDisk.Path); err != nil {
-		return err
+	backing, err := identify(cmp.Or(v.rec.DiskBacking, hw.RootDisk.Path))
+	if err != nil {
+		return fmt.Errorf("the disk overlay's backing image: %w", err)
 	}
 	disk, err := identify(filepath.Join(tmp, snapDiskFile))
 	if err != nil {
 		return err
 	}
 	disk.Path = snapDiskFile
-	m := Manifest{Hardware: hw, Disk: disk, CreatedAt: time.Now().UTC(), SaveTime: Duration(saveTime)}
-	if err := writeJSON(filepath.Join(tmp, snapManifestFile), m); err != nil {
-		return err
+	m := Manifest{Hardware: hw, Memory: form, Disk: disk, DiskBacking: &backing, CreatedAt: time.Now().UTC(), SaveTime: Duration(saveTime)}
+	return writeJSON(filepath.Join(tmp, snapManifestFile), m)
+}
+
+// moves records renames so that they can be undone, last first.
+type moves [][2]string
+
+// move renames from to to and records it.
+func (ms *moves) move(from, to string) error {
+	if err := os.Rename(from, to); err != nil {
+		if errors.Is(err, syscall.EXDEV) {
+			return fmt.Errorf("move %s to %s: the snapshot directory must be on the file system of the runtime's root", from, to)
+		}
+		return fmt.Errorf("move %s: %w", from, err)
 	}
-	// The RAM file stays readable by restores only; nothing writes it again.
-	if err := os.Chmod(filepath.Join(tmp, snapMemFile), 0o400); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return err
-	}
+	*ms = append(*ms, [2]string{from, to})
 	return nil
 }
 
+// undo renames everything back.
+func (ms *moves) undo() error {
+	var errs []error
+	for i := len(*ms) - 1; i >= 0; i-- {
+		m := (*ms)[i]
+		if err := os.Rename(m[1], m[0]); err != nil {
+			errs = append(errs, fmt.Errorf("move %s back: %w", m[1], err))
+		}
+	}
+	*ms = nil
+	return errors.Join(errs...)
+}
+
+// maxBandwidth lifts QEMU's default cap on migration speed (128 MiB/s in
+// 7.2, meant for live migration over a network): a save to a local file with
+// the vCPUs stopped should go as fast as the host can copy.
+const maxBandwidth = 1 << 40
+
 // migrate runs a migration command ("migrate" out, or "migrate-incoming")
-// with uri and waits for it to end. The RAM file is shared by both sides, so
-// the stream skips it (x-ignore-shared).
-func migrate(ctx context.Context, q *qmp, exited <-chan struct{}, command, uri string) error {
+// with uri and waits for it to end. ignoreShared skips a shared RAM file
+// (x-ignore-shared): the file is the memory, the stream holds devices only.
+// Both sides of one stream must agree on it.
+func migrate(ctx context.Context, q *qmp, exited <-chan struct{}, command, uri string, ignoreShared bool) error {
 	caps := map[string]any{"capabilities": []map[string]any{
-		{"capability": "x-ignore-shared", "state": true},
+		{"capability": "x-ignore-shared", "state": ignoreShared},
 		{"capability": "events", "state": true},
 	}}
 	if err := q.execute(ctx, "migrate-set-capabilities", caps, nil); err != nil {
 		return err
+	}
+	if command == "migrate" {
+		if err := q.execute(ctx, "migrate-set-parameters", map[string]any{"max-bandwidth": maxBandwidth}, nil); err != nil {
+			return err
+		}
 	}
 	events, cancel := q.subscribe("MIGRATION")
 	defer cancel()
@@ -305,14 +502,14 @@ func waitStatus(ctx context.Context, q *qmp, want string) error {
 	}
 }
 
-// restore loads the snapshot's device state into the new, paused QEMU and
-// lets the vCPUs run.
-func (v *VM) restore(ctx context.Context, q *qmp, snapshot string) error {
+// restore loads the snapshot's device state (and, in form MemoryInState, its
+// RAM) into the new, paused QEMU and lets the vCPUs run.
+func (v *VM) restore(ctx context.Context, q *qmp, snapshot string, form MemoryForm) error {
 	state := filepath.Join(snapshot, snapStateFile)
 	if strings.ContainsRune(state, '\'') {
 		return fmt.Errorf("path %q holds a single quote: QEMU's exec: URI passes it to a shell", state)
 	}
-	if err := migrate(ctx, q, v.done, "migrate-incoming", "exec:cat '"+state+"'"); err != nil {
+	if err := migrate(ctx, q, v.done, "migrate-incoming", "exec:cat '"+state+"'", form == MemoryInFile); err != nil {
 		return fmt.Errorf("restore %s: %w", snapshot, err)
 	}
 	if err := q.execute(ctx, "cont", nil, nil); err != nil {
@@ -356,6 +553,7 @@ func (r *Runtime) checkSnapshot(spec runtime.Spec) (*Manifest, error) {
 		{"initramfs", hw.Initramfs, spec.Initramfs},
 		{"root disk", hw.RootDisk, spec.RootDisk},
 		{"disk overlay", fileID{Path: filepath.Join(spec.Snapshot, m.Disk.Path), Size: m.Disk.Size, ModTime: m.Disk.ModTime}, ""},
+		{"the disk overlay's backing image", *m.DiskBacking, ""},
 	} {
 		if f.asked != "" {
 			if abs, _ := filepath.Abs(f.asked); abs != f.saved.Path {
@@ -371,10 +569,17 @@ func (r *Runtime) checkSnapshot(spec runtime.Spec) (*Manifest, error) {
 				f.what, f.saved.Path, now.Size, now.ModTime.Format(time.RFC3339Nano), f.saved.Size, f.saved.ModTime.Format(time.RFC3339Nano)))
 		}
 	}
-	if fi, err := os.Stat(filepath.Join(spec.Snapshot, snapMemFile)); err != nil {
-		bad = append(bad, fmt.Sprintf("memory file: %v", err))
-	} else if fi.Size() != int64(hw.MemoryMiB)<<20 {
-		bad = append(bad, fmt.Sprintf("memory file holds %d bytes, not the %d MiB of the VM", fi.Size(), hw.MemoryMiB))
+	if m.Memory == MemoryInFile {
+		if fi, err := os.Stat(filepath.Join(spec.Snapshot, snapMemFile)); err != nil {
+			bad = append(bad, fmt.Sprintf("memory file: %v", err))
+		} else if fi.Size() != int64(hw.MemoryMiB)<<20 {
+			bad = append(bad, fmt.Sprintf("memory file holds %d bytes, not the %d MiB of the VM", fi.Size(), hw.MemoryMiB))
+		}
+	}
+	if m.Memory != NoMemory {
+		if _, err := os.Stat(filepath.Join(spec.Snapshot, snapStateFile)); err != nil {
+			bad = append(bad, fmt.Sprintf("device state: %v", err))
+		}
 	}
 	if len(bad) > 0 {
 		return nil, fmt.Errorf("snapshot %s does not match: %s", spec.Snapshot, strings.Join(bad, "; "))
