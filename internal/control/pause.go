@@ -86,6 +86,9 @@ func (c *Controller) finishPause(ctx context.Context, sb *store.Sandbox, memory 
 	saved, err := c.node.Pause(ctx, sb.ID, memory)
 	if err != nil {
 		c.undoPause(ctx, sb, route, routed, err)
+		if errors.Is(err, node.ErrBusy) {
+			return errorf(Conflict, "Sandbox %q is busy (starting, pausing or being killed); try again", sb.ID)
+		}
 		return fmt.Errorf("pause sandbox %s: %w", sb.ID, err)
 	}
 	_, err = c.store.UpdateSandbox(ctx, sb.ID, func(s *store.Sandbox) error {
