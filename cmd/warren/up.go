@@ -55,6 +55,7 @@ Flags (each also read from the environment variable shown):
 	nodeMax := e.Int("node-max-sandboxes", "WARREN_NODE_MAX_SANDBOXES", 0, "sandboxes this host runs at once (0 = derived from memory)")
 	dns := e.String("sandbox-dns", "WARREN_SANDBOX_DNS", strings.Join(hostDNS(), ","), "comma-separated nameservers for sandboxes' /etc/resolv.conf (default: the host's non-loopback ones)")
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
+	warmPool := e.Int("warm-pool", "WARREN_WARM_POOL", 2, "base sandboxes kept restored and frozen, ready for creates (0: none); each holds a network slot and ~45 MiB")
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
@@ -74,7 +75,7 @@ Flags (each also read from the environment variable shown):
 		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
-		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, MaxUploadBytes: int64(*maxUploadMB) << 20,
+		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, MaxUploadBytes: int64(*maxUploadMB) << 20,
 	}
 	level := slog.LevelInfo
 	if *verbose {

@@ -78,7 +78,13 @@ type Manager struct {
 	sandboxes map[string]*sandbox // starting, running and being killed
 	artifacts map[string]*template.Artifact
 	closed    bool
-	watchers  sync.WaitGroup // one per running sandbox: reaps a VM that exits by itself
+	watchers  sync.WaitGroup // one per running sandbox: reaps a VM that exits by itself; and the refill loop
+
+	// Warm pools (warm.go), by artifact directory; guarded by mu.
+	poolSize map[string]int
+	pools    map[string][]*warmVM
+	refill   chan struct{} // wakes the refill loop
+	closing  chan struct{} // closed by Close
 }
 
 var _ Node = (*Manager)(nil)
@@ -181,6 +187,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 		probeDialer: &net.Dialer{Timeout: 100 * time.Millisecond},
 		sandboxes:   map[string]*sandbox{},
 		artifacts:   map[string]*template.Artifact{},
+		closing:     make(chan struct{}),
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
 	return m, nil
@@ -328,12 +335,29 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	} else if a, err = m.artifact(spec.Artifact); err != nil {
 		return err
 	}
-	slot, err := m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
-	if errors.Is(err, netns.ErrExhausted) {
-		return fmt.Errorf("%w: %v", ErrFull, err)
+	// A warm pool's VM has a slot with internet access: only such creates
+	// claim one.
+	var warm *warmVM
+	if paused == nil && spec.AllowInternet {
+		if warm = m.takeWarm(a); warm != nil {
+			if terr := m.rt.Thaw(ctx, warm.vm); terr != nil {
+				m.log.Warn("warm pool: thaw failed; restoring instead", "vm", warm.vm.ID(), "err", terr)
+				m.discardWarm(context.WithoutCancel(ctx), warm)
+				warm = nil
+			}
+		}
 	}
-	if err != nil {
-		return err
+	var slot *netns.Slot
+	if warm != nil {
+		slot = warm.slot
+	} else {
+		slot, err = m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
+		if errors.Is(err, netns.ErrExhausted) {
+			return fmt.Errorf("%w: %v", ErrFull, err)
+		}
+		if err != nil {
+			return err
+		}
 	}
 	var vm runtime.VM
 	defer func() {
@@ -366,7 +390,9 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	if paused != nil {
 		rtSpec = runtime.Spec{ID: spec.ID, Slot: slot, Snapshot: vmDir, Resume: true}
 	}
-	if vm, err = m.rt.Start(ctx, rtSpec); err != nil {
+	if warm != nil {
+		vm = warm.vm
+	} else if vm, err = m.rt.Start(ctx, rtSpec); err != nil {
 		return err
 	}
 	restored := time.Now().UTC()
@@ -391,7 +417,10 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	sb.info.EnvdVersion = version
 	sb.info.StartedAt = time.Now().UTC()
 	what := fmt.Sprintf("restored template build %s", a.BuildID)
-	if paused != nil {
+	switch {
+	case warm != nil:
+		what = fmt.Sprintf("claimed a warm VM of template build %s (%s, ready for %s)", a.BuildID, warm.vm.ID(), restored.Sub(warm.at).Round(time.Millisecond))
+	case paused != nil:
 		what = fmt.Sprintf("resumed the sandbox paused at %s (memory: %v)", paused.PausedAt.Format(time.RFC3339), paused.Memory)
 	}
 	sb.boot = []LogLine{
@@ -781,6 +810,7 @@ func (m *Manager) Close() error {
 		return nil
 	}
 	m.closed = true
+	close(m.closing)
 	ids := make([]string, 0, len(m.sandboxes))
 	for id := range m.sandboxes {
 		ids = append(ids, id)
@@ -800,6 +830,7 @@ func (m *Manager) Close() error {
 	}
 	wg.Wait()
 	m.watchers.Wait()
+	m.closeWarm()
 	errs = append(errs, m.slots.Close())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("node: close: %w", err)

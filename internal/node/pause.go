@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,10 +11,6 @@ import (
 	"strconv"
 	"time"
 
-	"connectrpc.com/connect"
-
-	processpb "github.com/warren-sh/warren/gen/process"
-	"github.com/warren-sh/warren/gen/process/processconnect"
 	"github.com/warren-sh/warren/internal/blob"
 	"github.com/warren-sh/warren/internal/template"
 )
@@ -181,30 +176,10 @@ func (m *Manager) syncGuest(ctx context.Context, sb *sandbox) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	base := "http://" + net.JoinHostPort(sb.info.Host, strconv.Itoa(envdPort))
-	proc := processconnect.NewProcessClient(m.client, base, connect.WithProtoJSON())
-	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/sh", Args: []string{"-c", "sync"}}})
-	if sb.token != "" {
-		req.Header().Set("X-Access-Token", sb.token)
-	}
-	stream, err := proc.Start(ctx, req)
-	if err != nil {
+	if err := m.runGuest(ctx, base, sb.token, "/bin/sh", "-c", "sync"); err != nil {
 		return fmt.Errorf("sync the guest's file systems: %w", err)
 	}
-	defer stream.Close()
-	var stderr bytes.Buffer
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			stderr.Write(d.GetStderr())
-		}
-		if end := ev.GetEnd(); end != nil {
-			if !end.GetExited() || end.GetExitCode() != 0 {
-				return fmt.Errorf("sync the guest's file systems: sync ended %s: %s", end.GetStatus(), bytes.TrimSpace(stderr.Bytes()))
-			}
-			return nil
-		}
-	}
-	return fmt.Errorf("sync the guest's file systems: no end event: %v", stream.Err())
+	return nil
 }
 
 // readPaused reads the paused sandbox at key for a resume of id.

@@ -70,6 +70,10 @@ type Runtime interface {
 	// so are its processes. A Start of dir cold boots the saved VM's kernel
 	// on the saved disk. Kill the VM next.
 	SaveDisk(ctx context.Context, vm VM, dir string) error
+	// Freeze stops the VM's vCPUs: it uses no CPU and keeps its memory and
+	// devices as they are (a warm pool's idle VMs). Thaw lets them run again.
+	Freeze(ctx context.Context, vm VM) error
+	Thaw(ctx context.Context, vm VM) error
 	// Kill stops the VM (gracefully for a moment, then by force), waits for
 	// its process to exit and removes its state directory.
 	Kill(ctx context.Context, vm VM) error

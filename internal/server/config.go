@@ -37,6 +37,9 @@ type Config struct {
 	// BuildConcurrency is how many template builds run at once; the rest
 	// wait (0 = 1).
 	BuildConcurrency int
+	// WarmPool is how many base sandboxes the node keeps restored and
+	// frozen for creates to claim (0: none).
+	WarmPool int
 	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
 	// control.DefaultMaxUploadBytes).
 	MaxUploadBytes int64
@@ -67,8 +70,8 @@ func (c *Config) Validate() error {
 	if c.MaxLifetime <= 0 {
 		return fmt.Errorf("--max-sandbox-lifetime must be positive, got %s", c.MaxLifetime)
 	}
-	if c.BuildConcurrency < 0 || c.MaxUploadBytes < 0 {
-		return fmt.Errorf("--build-concurrency and --max-upload-mb cannot be negative")
+	if c.BuildConcurrency < 0 || c.MaxUploadBytes < 0 || c.WarmPool < 0 {
+		return fmt.Errorf("--build-concurrency, --max-upload-mb and --warm-pool cannot be negative")
 	}
 	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
 		return fmt.Errorf("sandbox limits cannot be negative")

@@ -80,6 +80,11 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	if err != nil {
 		return err
 	}
+	if cfg.WarmPool > 0 {
+		if err := mgr.SetWarmPool(base.Dir, cfg.WarmPool); err != nil {
+			return err
+		}
+	}
 	builder, err := template.NewBuilder(template.BuilderConfig{
 		DataDir: cfg.DataDir, Runtime: rt, Slots: mgr.Slots(), Base: base, DNS: cfg.SandboxDNS,
 		Log: log.With("role", "builder"),

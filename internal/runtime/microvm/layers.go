@@ -79,3 +79,36 @@ func (r *Runtime) SwitchDisk(ctx context.Context, rv runtime.VM, path string) (e
 // qcow2 overlay over the saved VM's root disk. A template build boots it to
 // build on a template.
 func SnapshotDisk(dir string) string { return filepath.Join(dir, snapDiskFile) }
+
+// Freeze stops the VM's vCPUs (QMP stop): under TCG an idle guest still
+// costs host CPU for its timers, a frozen one none.
+func (r *Runtime) Freeze(ctx context.Context, rv runtime.VM) error {
+	return r.runState(ctx, rv, "stop")
+}
+
+// Thaw lets a frozen VM's vCPUs run again (QMP cont). The guest's clock
+// stood still meanwhile: the node's /init sets it.
+func (r *Runtime) Thaw(ctx context.Context, rv runtime.VM) error {
+	return r.runState(ctx, rv, "cont")
+}
+
+func (r *Runtime) runState(ctx context.Context, rv runtime.VM, command string) error {
+	v, err := r.own(rv)
+	if err != nil {
+		return err
+	}
+	v.ops.Lock()
+	defer v.ops.Unlock()
+	if v.snapshotted || v.exited() {
+		return fmt.Errorf("microvm: %s %s: the VM is not running", command, v.ID())
+	}
+	q, err := dialQMP(ctx, v.path(qmpFile))
+	if err != nil {
+		return fmt.Errorf("microvm: %s %s: %w", command, v.ID(), err)
+	}
+	defer q.Close()
+	if err := q.execute(ctx, command, nil, nil); err != nil {
+		return fmt.Errorf("microvm: %s %s: %w", command, v.ID(), err)
+	}
+	return nil
+}

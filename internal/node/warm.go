@@ -1,0 +1,266 @@
+package node
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"connectrpc.com/connect"
+
+	processpb "github.com/warren-sh/warren/gen/process"
+	"github.com/warren-sh/warren/gen/process/processconnect"
+	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/runtime"
+	"github.com/warren-sh/warren/internal/template"
+)
+
+// A warm pool keeps a few sandboxes of a template restored ahead of the
+// creates that will claim them: each in a network slot of its own (with
+// internet access, the default of a create), its envd answering, its
+// /init and command paths run once, then frozen (its vCPUs stopped: no CPU
+// while it waits). A create that claims one thaws it and sends the
+// sandbox's /init (clock, entropy, token, env): the restore, the slot and
+// the first run of envd's code under TCG are off its path. A background
+// loop refills pools one VM at a time.
+//
+// Warm VMs count against MaxSandboxes only in that the pool is not
+// refilled past it: a create always finds room that a warm VM holds.
+
+// warmVM is one ready, frozen VM of a pool.
+type warmVM struct {
+	vm       runtime.VM
+	slot     *netns.Slot
+	artifact *template.Artifact
+	at       time.Time // when it was ready
+}
+
+// SetWarmPool keeps size sandboxes of the template build in artifact (a
+// SandboxSpec.Artifact) restored and ready; 0 empties the pool.
+func (m *Manager) SetWarmPool(artifact string, size int) error {
+	a, err := m.artifact(artifact)
+	if err != nil {
+		return fmt.Errorf("node: warm pool: %w", err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errors.New("node: warm pool: the node is closed")
+	}
+	if m.poolSize == nil {
+		m.poolSize = map[string]int{}
+		m.pools = map[string][]*warmVM{}
+		m.refill = make(chan struct{}, 1)
+		m.watchers.Add(1)
+		go m.refillLoop()
+	}
+	m.poolSize[a.Dir] = max(size, 0)
+	m.poke()
+	return nil
+}
+
+// poke wakes the refill loop. m.mu is held.
+func (m *Manager) poke() {
+	if m.refill == nil {
+		return
+	}
+	select {
+	case m.refill <- struct{}{}:
+	default:
+	}
+}
+
+// takeWarm claims a warm VM of the artifact's pool, or returns nil.
+func (m *Manager) takeWarm(a *template.Artifact) *warmVM {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	pool := m.pools[a.Dir]
+	if len(pool) == 0 {
+		return nil
+	}
+	w := pool[len(pool)-1]
+	m.pools[a.Dir] = pool[:len(pool)-1]
+	m.poke()
+	return w
+}
+
+// discardWarm kills a warm VM and frees its slot.
+func (m *Manager) discardWarm(ctx context.Context, w *warmVM) {
+	if err := m.rt.Kill(ctx, w.vm); err != nil {
+		m.log.Error("kill a warm VM; its slot stays taken", "vm", w.vm.ID(), "err", err)
+		return
+	}
+	if err := m.slots.Release(w.slot); err != nil {
+		m.log.Error("release a warm VM's slot", "vm", w.vm.ID(), "err", err)
+	}
+}
+
+// refillLoop fills the pools whenever poked, until the node closes.
+func (m *Manager) refillLoop() {
+	defer m.watchers.Done()
+	for {
+		select {
+		case <-m.closing:
+			return
+		case <-m.refill:
+		}
+		for {
+			dir, ok := m.needsWarm()
+			if !ok {
+				break
+			}
+			a, err := m.artifact(dir)
+			if err == nil {
+				err = m.fillWarm(a)
+			}
+			if err != nil {
+				m.log.Warn("warm pool: could not prepare a sandbox; retrying in 10 s", "template", dir, "err", err)
+				select {
+				case <-m.closing:
+					return
+				case <-time.After(10 * time.Second):
+				}
+			}
+		}
+	}
+}
+
+// needsWarm names a pool below its size while the node has room.
+func (m *Manager) needsWarm() (string, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return "", false
+	}
+	warm := 0
+	for _, p := range m.pools {
+		warm += len(p)
+	}
+	if len(m.sandboxes)+warm >= m.max {
+		return "", false
+	}
+	for dir, size := range m.poolSize {
+		if len(m.pools[dir]) < size {
+			return dir, true
+		}
+	}
+	return "", false
+}
+
+// fillWarm restores one VM of a, warms envd's paths and freezes it.
+func (m *Manager) fillWarm(a *template.Artifact) (err error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	go func() {
+		select {
+		case <-m.closing:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	slot, err := m.slots.Acquire(ctx, netns.Policy{AllowInternet: true})
+	if err != nil {
+		return err
+	}
+	w := &warmVM{slot: slot, artifact: a}
+	defer func() {
+		if err != nil {
+			if w.vm != nil {
+				m.discardWarm(context.WithoutCancel(ctx), w)
+			} else if rerr := m.slots.Release(slot); rerr != nil {
+				m.log.Error("release a warm VM's slot", "err", rerr)
+			}
+		}
+	}()
+	suffix := make([]byte, 6)
+	rand.Read(suffix)
+	if w.vm, err = m.rt.Start(ctx, a.Spec("warm-"+hex.EncodeToString(suffix), slot)); err != nil {
+		return err
+	}
+	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
+	if err := m.waitListening(ctx, addr, w.vm); err != nil {
+		return withConsole(err, w.vm)
+	}
+	// Under TCG every clone translates guest code anew: run the /init and
+	// the command path once here, so the claim's run them warm.
+	base := "http://" + addr
+	if _, err := m.initEnvd(ctx, base, a.InitSecret, withTemplateDefaults(SandboxSpec{}, a)); err != nil {
+		return withConsole(err, w.vm)
+	}
+	if err := m.runGuest(ctx, base, "", "/bin/bash", "-l", "-c", "true"); err != nil {
+		return err
+	}
+	m.client.CloseIdleConnections()
+	if err := m.rt.Freeze(ctx, w.vm); err != nil {
+		return err
+	}
+	w.at = time.Now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed || len(m.pools[a.Dir]) >= m.poolSize[a.Dir] {
+		err = errors.New("the pool is full or the node closed meanwhile")
+		return err
+	}
+	m.pools[a.Dir] = append(m.pools[a.Dir], w)
+	m.log.Debug("warm pool: sandbox ready", "template", filepath.Base(a.Dir), "vm", w.vm.ID(), "slot", slot.Name)
+	return nil
+}
+
+// closeWarm kills every warm VM (Close).
+func (m *Manager) closeWarm() {
+	m.mu.Lock()
+	var all []*warmVM
+	for dir, p := range m.pools {
+		all = append(all, p...)
+		delete(m.pools, dir)
+	}
+	m.mu.Unlock()
+	for _, w := range all {
+		m.discardWarm(context.Background(), w)
+	}
+}
+
+// runGuest runs a command through the guest's envd and waits for it to exit 0.
+func (m *Manager) runGuest(ctx context.Context, base, token, cmd string, args ...string) error {
+	proc := processconnect.NewProcessClient(m.client, base, connect.WithProtoJSON())
+	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: cmd, Args: args}})
+	if token != "" {
+		req.Header().Set("X-Access-Token", token)
+	}
+	stream, err := proc.Start(ctx, req)
+	if err != nil {
+		return fmt.Errorf("run %s in the guest: %w", cmd, err)
+	}
+	defer stream.Close()
+	var stderr bytes.Buffer
+	for stream.Receive() {
+		ev := stream.Msg().GetEvent()
+		if d := ev.GetData(); d != nil {
+			stderr.Write(d.GetStderr())
+		}
+		if end := ev.GetEnd(); end != nil {
+			if !end.GetExited() || end.GetExitCode() != 0 {
+				return fmt.Errorf("run %s in the guest: it ended %s: %s", cmd, end.GetStatus(), bytes.TrimSpace(stderr.Bytes()))
+			}
+			return nil
+		}
+	}
+	return fmt.Errorf("run %s in the guest: no end event: %v", cmd, stream.Err())
+}
+
+// WarmPool reports how many VMs of the artifact's pool are ready, and its size.
+func (m *Manager) WarmPool(artifact string) (ready, size int) {
+	a, err := m.artifact(artifact)
+	if err != nil {
+		return 0, 0
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.pools[a.Dir]), m.poolSize[a.Dir]
+}
