@@ -200,3 +200,12 @@ func diskUsage(p string) (int64, error) {
 	})
 	return total, err
 }
+
+// DiskUsage is the disk space the files under dir take (allocated blocks,
+// hard links counted once); 0 when dir does not exist.
+func DiskUsage(dir string) (int64, error) {
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return 0, nil
+	}
+	return diskUsage(dir)
+}

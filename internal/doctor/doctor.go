@@ -26,6 +26,7 @@ import (
 	"github.com/google/nftables"
 	"golang.org/x/sys/unix"
 
+	"github.com/warren-sh/warren/internal/blob"
 	"github.com/warren-sh/warren/internal/guest"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
@@ -109,7 +110,7 @@ func Run(ctx context.Context, dataDir string) *Report {
 	fwd, err := os.ReadFile("/proc/sys/net/ipv4/ip_forward")
 	r.Checks = append(r.Checks, classifyIPForward(string(fwd), err))
 	r.Checks = append(r.Checks, checkForwardPolicy(ctx))
-	r.Checks = append(r.Checks, checkDataDir(dataDir), checkDisk(dataDir))
+	r.Checks = append(r.Checks, checkDataDir(dataDir), checkDisk(dataDir), checkStorage(ctx, dataDir))
 	r.Checks = append(r.Checks, checkBuildTools())
 	return r
 }
@@ -535,6 +536,58 @@ func classifyDisk(dir string, free uint64) Check {
 	}
 	c.Status = OK
 	return c
+}
+
+// --- storage
+
+// checkStorage says what warren's data takes on disk: paused sandboxes,
+// snapshots and fork copies (the node's blobs), templates with their layer
+// cache, and imported images. Deleting a sandbox, snapshot or template gives
+// its part back.
+func checkStorage(ctx context.Context, dataDir string) Check {
+	blobs, err := (&blob.Local{Root: filepath.Join(dataDir, "blobs")}).Usage(ctx)
+	if err != nil {
+		return Check{Name: "storage", Status: Warn, Detail: err.Error()}
+	}
+	parts := map[string]int64{}
+	for _, k := range []string{"paused", "snapshots", "forks"} {
+		parts[k] = blobs[k]
+	}
+	for _, d := range []struct{ name, dir string }{
+		{"templates", "templates"}, {"layer cache", "templates/layers"}, {"images", "images"},
+	} {
+		n, err := blob.DiskUsage(filepath.Join(dataDir, d.dir))
+		if err != nil {
+			return Check{Name: "storage", Status: Warn, Detail: err.Error()}
+		}
+		parts[d.name] = n
+	}
+	return classifyStorage(parts)
+}
+
+func classifyStorage(parts map[string]int64) Check {
+	var b strings.Builder
+	for i, k := range []string{"paused", "snapshots", "forks", "templates", "layer cache", "images"} {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s %s", k, size(parts[k]))
+	}
+	b.WriteString(" (the layer cache is part of templates)")
+	return Check{Name: "storage", Status: OK, Detail: b.String()}
+}
+
+// size writes n bytes in the largest unit that keeps it above 1.
+func size(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
 }
 
 func gib(b uint64) string { return fmt.Sprintf("%.1f GiB", float64(b)/(1<<30)) }

@@ -262,3 +262,30 @@ func TestRunOnThisHost(t *testing.T) {
 		t.Errorf("doctor left %v in the data dir", entries)
 	}
 }
+
+func TestClassifyStorage(t *testing.T) {
+	c := classifyStorage(map[string]int64{"paused": 3 << 30, "snapshots": 5 << 20, "templates": 2 << 30, "layer cache": 512 << 20})
+	if c.Status != OK {
+		t.Errorf("status %s", c.Status)
+	}
+	for _, want := range []string{"paused 3.0 GiB", "snapshots 5.0 MiB", "forks 0 B", "templates 2.0 GiB", "layer cache 512.0 MiB", "images 0 B"} {
+		if !strings.Contains(c.Detail, want) {
+			t.Errorf("detail %q lacks %q", c.Detail, want)
+		}
+	}
+}
+
+func TestCheckStorageCountsBlobs(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "blobs", "paused", "ia", "vm")
+	if err := os.MkdirAll(p, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(p, "state"), make([]byte, 3<<20), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c := checkStorage(t.Context(), dir)
+	if !strings.Contains(c.Detail, "paused 3.0 MiB") {
+		t.Errorf("detail %q does not count the paused sandbox's 3 MiB", c.Detail)
+	}
+}
