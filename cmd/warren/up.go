@@ -40,6 +40,7 @@ Flags (each also read from the environment variable shown):
 	e := &envFlags{fs: fs}
 	var cfg server.Config
 	listen := e.String("listen", "WARREN_LISTEN", ":3000", "address of the API and sandbox-traffic listener")
+	metricsListen := e.String("metrics-listen", "WARREN_METRICS_LISTEN", "127.0.0.1:9464", "address serving Prometheus metrics at /metrics (sandboxes by state, storage, warm pool); empty: none")
 	publicURL := e.String("public-url", "WARREN_PUBLIC_URL", "", "URL clients reach warren at, for the printed E2B_* lines (default: from --listen)")
 	dataDir := e.String("data-dir", "WARREN_DATA_DIR", "/var/lib/warren", "where warren keeps its database, templates, VMs and keys")
 	dbURL := e.String("database-url", "WARREN_DATABASE_URL", "", "Postgres URL (postgres://user:pass@host/db); default: SQLite in the data dir")
@@ -75,7 +76,7 @@ Flags (each also read from the environment variable shown):
 		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
-		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, MaxUploadBytes: int64(*maxUploadMB) << 20,
+		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
 	}
 	level := slog.LevelInfo
 	if *verbose {

@@ -37,6 +37,9 @@ type Config struct {
 	// BuildConcurrency is how many template builds run at once; the rest
 	// wait (0 = 1).
 	BuildConcurrency int
+	// MetricsListen is the address serving Prometheus metrics at /metrics;
+	// empty: none.
+	MetricsListen string
 	// WarmPool is how many base sandboxes the node keeps restored and
 	// frozen for creates to claim (0: none).
 	WarmPool int

@@ -141,6 +141,17 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		defer close(buildsDone)
 		tpl.Run(runCtx)
 	}()
+	if cfg.MetricsListen != "" {
+		mln, err := net.Listen("tcp", cfg.MetricsListen)
+		if err != nil {
+			return fmt.Errorf("metrics: listen on %s: %w", cfg.MetricsListen, err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, func() (int, int) { return mgr.WarmPool(base.Dir) }, log.With("role", "metrics"))))
+		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+		go msrv.Serve(mln)
+		defer msrv.Close()
+	}
 	srvDone := make(chan error, 1)
 	go func() { srvDone <- srv.Serve(ln) }()
 

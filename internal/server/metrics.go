@@ -1,0 +1,87 @@
+package server
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/warren-sh/warren/internal/blob"
+	"github.com/warren-sh/warren/internal/store"
+)
+
+// collector exposes warren's state to Prometheus on each scrape: sandboxes
+// by state, the disk that paused sandboxes, snapshots, templates and images
+// take, and the warm pool. Values are read when scraped, not kept.
+type collector struct {
+	store   store.Store
+	dataDir string
+	warm    func() (ready, size int) // the base template's warm pool; nil: none
+	log     *slog.Logger
+
+	sandboxes, storage, warmReady, warmSize *prometheus.Desc
+}
+
+func newCollector(st store.Store, dataDir string, warm func() (int, int), log *slog.Logger) *collector {
+	return &collector{
+		store: st, dataDir: dataDir, warm: warm, log: log,
+		sandboxes: prometheus.NewDesc("warren_sandboxes", "Sandboxes by lifecycle state.", []string{"state"}, nil),
+		storage: prometheus.NewDesc("warren_storage_bytes",
+			"Disk taken under the data directory: paused sandboxes, snapshots, fork copies, templates (with the layer cache) and images.",
+			[]string{"kind"}, nil),
+		warmReady: prometheus.NewDesc("warren_warm_pool_ready", "Base sandboxes restored and frozen, ready for creates.", nil, nil),
+		warmSize:  prometheus.NewDesc("warren_warm_pool_size", "The base template's warm pool size.", nil, nil),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.sandboxes
+	ch <- c.storage
+	ch <- c.warmReady
+	ch <- c.warmSize
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for _, state := range []store.SandboxState{store.StateRunning, store.StatePausing, store.StatePaused, store.StateResuming, store.StateKilling} {
+		n, err := c.store.CountSandboxes(ctx, store.SandboxFilter{States: []store.SandboxState{state}})
+		if err != nil {
+			c.log.Warn("metrics: count sandboxes", "state", state, "err", err)
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(c.sandboxes, prometheus.GaugeValue, float64(n), string(state))
+	}
+	blobs, err := (&blob.Local{Root: filepath.Join(c.dataDir, "blobs")}).Usage(ctx)
+	if err != nil {
+		c.log.Warn("metrics: blob usage", "err", err)
+	}
+	for _, kind := range []string{"paused", "snapshots", "forks"} {
+		ch <- prometheus.MustNewConstMetric(c.storage, prometheus.GaugeValue, float64(blobs[kind]), kind)
+	}
+	for kind, dir := range map[string]string{"templates": "templates", "layer_cache": "templates/layers", "images": "images"} {
+		n, err := blob.DiskUsage(filepath.Join(c.dataDir, dir))
+		if err != nil {
+			c.log.Warn("metrics: disk usage", "dir", dir, "err", err)
+			continue
+		}
+		ch <- prometheus.MustNewConstMetric(c.storage, prometheus.GaugeValue, float64(n), kind)
+	}
+	if c.warm != nil {
+		ready, size := c.warm()
+		ch <- prometheus.MustNewConstMetric(c.warmReady, prometheus.GaugeValue, float64(ready))
+		ch <- prometheus.MustNewConstMetric(c.warmSize, prometheus.GaugeValue, float64(size))
+	}
+}
+
+// metricsHandler serves warren's metrics and the Go runtime's.
+func metricsHandler(c *collector) http.Handler {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(c, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return promhttp.HandlerFor(reg, promhttp.HandlerOpts{})
+}

@@ -1,0 +1,61 @@
+package server
+
+import (
+	"io"
+	"log/slog"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/warren-sh/warren/internal/store"
+	"github.com/warren-sh/warren/internal/store/sqlite"
+)
+
+func TestMetrics(t *testing.T) {
+	dir := t.TempDir()
+	st, err := sqlite.Open(t.Context(), filepath.Join(dir, "warren.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	team := &store.Team{ID: "t1", Name: "t", Slug: "t", CreatedAt: time.Now()}
+	if err := st.CreateTeam(t.Context(), team); err != nil {
+		t.Fatal(err)
+	}
+	for i, state := range []store.SandboxState{store.StateRunning, store.StateRunning, store.StatePaused} {
+		sb := &store.Sandbox{ID: "i" + string(rune('a'+i)), TeamID: "t1", TemplateID: "x", BuildID: "b", NodeID: "n", State: state,
+			CPUCount: 1, MemoryMB: 512, StartedAt: time.Now(), EndAt: time.Now().Add(time.Hour)}
+		if err := st.InsertSandbox(t.Context(), sb); err != nil {
+			t.Fatal(err)
+		}
+	}
+	paused := filepath.Join(dir, "blobs", "paused", "ic", "vm")
+	os.MkdirAll(paused, 0o700)
+	os.WriteFile(filepath.Join(paused, "state"), make([]byte, 2<<20), 0o600)
+
+	srv := httptest.NewServer(metricsHandler(newCollector(st, dir, func() (int, int) { return 1, 2 }, slog.Default())))
+	defer srv.Close()
+	resp, err := srv.Client().Get(srv.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	body := string(b)
+	for _, want := range []string{
+		`warren_sandboxes{state="running"} 2`,
+		`warren_sandboxes{state="paused"} 1`,
+		`warren_storage_bytes{kind="paused"} 2.097152e+06`,
+		`warren_storage_bytes{kind="snapshots"} 0`,
+		`warren_warm_pool_ready 1`,
+		`warren_warm_pool_size 2`,
+		`go_goroutines`,
+	} {
+		if !strings.Contains(body, want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+}
