@@ -194,7 +194,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	defer loop.Close()
 	cfg := sdkConfig{
 		Warmup: o.Warmup, TTI: o.TTI, Burst: o.Burst, RTT: o.RTT, Density: o.Density, Pause: o.Pause,
-		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL,
+		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL, RefillMs: 2000,
 	}
 	cfgJSON, _ := jsonString(cfg)
 	env := []string{
@@ -412,6 +412,8 @@ func startServer(ctx context.Context, o Options, progress io.Writer) (*benchServ
 		// counts asked for: density measures memory, not a configured cap.
 		MaxSandboxes: 0, MaxLifetime: 24 * time.Hour, NodeMaxSandboxes: max(o.Density, o.Burst) + 2,
 		BootstrapAPIKey: key,
+		// The warm pool as `warren up` has it by default.
+		WarmPool: 2,
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	s := &benchServer{

@@ -41,6 +41,7 @@ var (
 	gray     = color.RGBA{110, 110, 110, 255}
 	red      = color.RGBA{214, 39, 40, 255}
 	green    = color.RGBA{44, 160, 44, 255}
+	purple   = color.RGBA{148, 103, 189, 255}
 )
 
 // PlotCDF draws the cumulative distributions of series (x: the values, y:
@@ -225,7 +226,8 @@ func (r *Results) PlotTTI(w io.Writer) error {
 	var marks []Mark
 	if s := r.SDK; s != nil {
 		series = append(series,
-			Series{Label: "TTI serial", Color: blue, Values: s.TTI.Serial},
+			Series{Label: "TTI serial, pool miss", Color: blue, Values: s.TTI.Serial},
+			Series{Label: "TTI serial, pool hit", Color: purple, Values: s.TTI.Hit},
 			Series{Label: fmt.Sprintf("TTI burst of %d", r.Counts.Burst), Color: orange, Values: s.TTI.Burst},
 		)
 		echo := Median(s.TTI.Echo)

@@ -42,18 +42,25 @@ func (r *Results) Checks() []Check {
 		missFloor := floor.P50 + echo.P50
 		missTarget := missFactor*floor.P50 + echo.P50
 		out = append(out, Check{
-			Metric: "TTI p50, serial (a pool miss: every create restores the snapshot)", Measured: ms(serial.P50),
+			Metric: "TTI p50 on a pool miss (serial; `allowInternetAccess: false`, which the pool does not serve)", Measured: ms(serial.P50),
 			Floor:  fmt.Sprintf("%s (restore %s + echo %s)", ms(missFloor), ms(floor.P50), ms(echo.P50)),
 			Ratio:  ratio(serial.P50, missFloor),
 			Target: fmt.Sprintf("≤ %s (%.1f × restore + echo)", ms(missTarget), missFactor),
 			Result: pass(serial.P50 <= missTarget),
 		})
 		hitTarget := hitFactor*echo.P50 + hitSlackMs
-		out = append(out, Check{
-			Metric: "TTI p50 on a pool hit", Measured: "not measured: warren has no warm pool yet",
-			Floor: fmt.Sprintf("%s (echo on a warm sandbox)", ms(echo.P50)), Ratio: "",
-			Target: fmt.Sprintf("≤ %s (%.1f × echo + %d ms)", ms(hitTarget), hitFactor, hitSlackMs), Result: "n/a",
-		})
+		hit := Summarize(s.TTI.Hit)
+		hc := Check{
+			Metric: fmt.Sprintf("TTI p50 on a pool hit (%d of %d creates claimed a warm VM)", len(s.TTI.Hit), len(s.TTI.Hit)+len(s.TTI.HitMissed)),
+			Floor:  fmt.Sprintf("%s (echo on a warm sandbox)", ms(echo.P50)),
+			Target: fmt.Sprintf("≤ %s (%.1f × echo + %d ms)", ms(hitTarget), hitFactor, hitSlackMs),
+		}
+		if len(s.TTI.Hit) == 0 {
+			hc.Measured, hc.Result = "no create claimed a warm VM", "MISS"
+		} else {
+			hc.Measured, hc.Ratio, hc.Result = ms(hit.P50), ratio(hit.P50, echo.P50), pass(hit.P50 <= hitTarget)
+		}
+		out = append(out, hc)
 		burst := Summarize(s.TTI.Burst)
 		burstTarget := burstFactor * serial.P50
 		res := pass(burst.P90 <= burstTarget && len(s.TTI.BurstErrors) == 0)
@@ -184,16 +191,20 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 
 	p("## Time to interactive")
 	p("")
-	p("`Sandbox.create()` → first `commands.run('echo ready')` done: %d one after the other after %d warm-up, then %d at once "+
+	p("`Sandbox.create()` → first `commands.run('echo ready')` done: %d one after the other after %d warm-up as pool misses "+
+		"(`allowInternetAccess: false`: warren's warm pool of 2 base VMs holds slots with internet access, so these always restore "+
+		"the snapshot), %d more 2 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
 		"(each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
 		"first `/health` 204, no warren in between), half of them before warren started and half after it stopped, each half after "+
-		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.Burst)
+		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst)
 	p("")
 	p("| | n | p50 | p90 | p99 | max |")
 	p("|---|---|---|---|---|---|")
 	if s := r.SDK; s != nil {
-		row(p, "TTI, serial", Summarize(s.TTI.Serial))
+		row(p, "TTI, serial, pool miss", Summarize(s.TTI.Serial))
 		row(p, "  of which `Sandbox.create()`", Summarize(s.TTI.SerialCreate))
+		row(p, "TTI, serial, pool hit", Summarize(s.TTI.Hit))
+		row(p, "  of which `Sandbox.create()`", Summarize(s.TTI.HitCreate))
 		row(p, fmt.Sprintf("TTI, burst of %d", r.Counts.Burst), Summarize(s.TTI.Burst))
 		row(p, "  of which `Sandbox.create()`", Summarize(s.TTI.BurstCreate))
 		row(p, "`commands.run('echo ready')` on a warm sandbox", Summarize(s.TTI.Echo))

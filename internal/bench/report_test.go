@@ -22,6 +22,7 @@ func sample() *Results {
 	s.TTI.Serial = []float64{300, 310, 320, 330}
 	s.TTI.SerialCreate = []float64{280, 290, 300, 310}
 	s.TTI.Echo = []float64{10, 12, 11}
+	s.TTI.Hit, s.TTI.HitCreate, s.TTI.HitMissed = []float64{30, 32, 34}, []float64{18, 20, 22}, []float64{300}
 	s.TTI.Burst = []float64{600, 700, 800}
 	s.TTI.BurstCreate = []float64{580, 680, 780}
 	s.RTT.Command = []float64{10, 11, 12, 13, 40}
@@ -53,8 +54,9 @@ func TestChecks(t *testing.T) {
 		metric, measured, result string
 	}{
 		// 1.3 × restore p50 210 + echo p50 11 = 284 < serial p50 310.
-		{"TTI p50, serial (a pool miss: every create restores the snapshot)", "310", "MISS"},
-		{"TTI p50 on a pool hit", "not measured: warren has no warm pool yet", "n/a"},
+		{"TTI p50 on a pool miss (serial; `allowInternetAccess: false`, which the pool does not serve)", "310", "MISS"},
+		// 1.2 × echo p50 11 + 20 = 33.2 ≥ hit p50 32.
+		{"TTI p50 on a pool hit (3 of 4 creates claimed a warm VM)", "32.0", "PASS"},
 		// 3 × 310 = 930 ≥ burst p90 800.
 		{"TTI p90, burst of 3", "800", "PASS"},
 		{"`commands.run('true')` p50", "12.0", "—"},
@@ -85,7 +87,7 @@ func TestWriteMarkdown(t *testing.T) {
 	for _, want := range []string{
 		"## Machine", "| accelerator | TCG (no vmx/svm) |", "| CPU | Test CPU, 2 cores |",
 		"## Summary", "## Time to interactive", "## Command round trip", "## Files", "## Density", "## Pause and resume",
-		"| TTI, serial | 4 | 310 | 330 | 330 | 330 |",
+		"| TTI, serial, pool miss | 4 | 310 | 330 | 330 | 330 |", "| TTI, serial, pool hit | 3 | 32.0 | 34.0 | 34.0 | 34.0 |",
 		"| floor: raw clone restore → envd `/health` | 4 | 210 | 230 | 230 | 230 |",
 		"|   before warren started | 2 | 200 | 210 | 210 | 210 |",
 		"|   after warren stopped | 2 | 220 | 230 | 230 | 230 |",
@@ -169,11 +171,15 @@ func checkPlot(t *testing.T, r *Results) {
 		return n
 	}
 	area := image.Rect(marginLeft+2, marginTop, plotWidth-marginRight, plotHeight-marginBottom-2)
-	for name, c := range map[string]color.RGBA{"serial (blue)": blue, "burst (orange)": orange, "floor (gray)": gray, "miss target (red)": red} {
+	for name, c := range map[string]color.RGBA{"serial (blue)": blue, "pool hit (purple)": purple, "burst (orange)": orange, "floor (gray)": gray} {
 		// A CDF line crosses the plot's height at least once: 2 pixels wide.
 		if n := count([3]uint32{uint32(c.R), uint32(c.G), uint32(c.B)}, area); n < area.Dy() {
 			t.Errorf("%s: %d pixels in the plot area, want a line across it", name, n)
 		}
+	}
+	// A target is a dashed line (half its length drawn), partly under the legend.
+	if n := count([3]uint32{uint32(red.R), uint32(red.G), uint32(red.B)}, area); n < area.Dy()/2 {
+		t.Errorf("miss target (red): %d pixels in the plot area, want a dashed line across it", n)
 	}
 	// Text: the axes' labels and ticks are black pixels below and left of the plot area.
 	if n := count([3]uint32{0, 0, 0}, image.Rect(0, plotHeight-marginBottom+8, plotWidth, plotHeight)); n < 500 {

@@ -88,12 +88,19 @@ type sdkConfig struct {
 	Pause       int    `json:"pause"`
 	LargeFiles  bool   `json:"largeFiles"`
 	LoopbackURL string `json:"loopbackURL"`
+	// RefillMs is the pause before each pool-hit create.
+	RefillMs int `json:"refillMs"`
 }
 
 // SDKResults is what the script measured, in milliseconds.
 type SDKResults struct {
 	TTI struct {
+		// Serial are pool misses (creates without internet access, which
+		// the warm pool does not serve); Hit the creates that claimed a
+		// warm VM, HitMissed those that found the pool empty.
 		Serial, SerialCreate []float64
+		Hit, HitCreate       []float64
+		HitMissed            []float64
 		// Echo is commands.run('echo ready') on a sandbox already up.
 		Echo               []float64
 		Burst, BurstCreate []float64

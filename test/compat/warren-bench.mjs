@@ -37,13 +37,24 @@ const describe = (err) => `${err?.name ?? 'Error'}: ${err?.message ?? err}`
 
 // interactive creates a sandbox and runs `echo ready` in it; it returns the
 // sandbox, the time to the created sandbox and to the command's end.
-async function interactive(t0 = now()) {
-  const sbx = await Sandbox.create(opts)
+async function interactive(t0 = now(), createOpts = opts) {
+  const sbx = await Sandbox.create(createOpts)
   const created = now()
   const r = await sbx.commands.run('echo ready')
   const done = now()
   if (r.stdout !== 'ready\n') throw new Error(`echo ready printed ${JSON.stringify(r.stdout)}`)
   return { sbx, create: created - t0, tti: done - t0 }
+}
+
+// claimedWarm reads a sandbox's log (REST v2 logs) for the node's line
+// about claiming a warm VM.
+async function claimedWarm(id) {
+  const res = await fetch(new URL(`/v2/sandboxes/${id}/logs`, process.env.E2B_API_URL), {
+    headers: { 'X-API-KEY': process.env.E2B_API_KEY },
+  })
+  if (!res.ok) throw new Error(`GET logs of ${id}: ${res.status}`)
+  const body = await res.json()
+  return (body.logs ?? []).some((l) => String(l.message ?? '').includes('claimed a warm VM'))
 }
 
 async function killAll(sandboxes) {
@@ -69,14 +80,29 @@ const result = {}
     const { sbx } = await interactive()
     await sbx.kill()
   }
+  // Pool misses: warren's warm pool holds VMs whose slot allows internet
+  // access, so a create without it always restores the snapshot.
   const serial = [], serialCreate = []
   let keep
   for (let i = 0; i < cfg.tti; i++) {
-    const { sbx, create, tti } = await interactive()
+    const { sbx, create, tti } = await interactive(now(), { ...opts, allowInternetAccess: false })
     serial.push(tti)
     serialCreate.push(create)
     if (i === cfg.tti - 1) keep = sbx
     else await sbx.kill()
+  }
+  // Pool hits: a pause before each create lets the pool refill; the
+  // sandbox's log says whether the create claimed a warm VM.
+  log(`TTI: ${cfg.tti} serial with the warm pool (${cfg.refillMs} ms between creates)`)
+  const hit = [], hitCreate = [], hitMissed = []
+  for (let i = 0; i < cfg.tti; i++) {
+    await new Promise((r) => setTimeout(r, cfg.refillMs))
+    const { sbx, create, tti } = await interactive()
+    if (await claimedWarm(sbx.sandboxId)) {
+      hit.push(tti)
+      hitCreate.push(create)
+    } else hitMissed.push(tti)
+    await sbx.kill()
   }
   // The same command on a sandbox that is already up: the pool-hit yardstick
   // and the command part of the miss target.
@@ -91,7 +117,7 @@ const result = {}
   const ok = settled.filter((s) => s.status === 'fulfilled').map((s) => s.value)
   await killAll(ok.map((v) => v.sbx))
   result.tti = {
-    serial, serialCreate, echo,
+    serial, serialCreate, echo, hit, hitCreate, hitMissed,
     burst: ok.map((v) => v.tti), burstCreate: ok.map((v) => v.create),
     burstErrors: settled.filter((s) => s.status === 'rejected').map((s) => describe(s.reason)),
   }
