@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/warren-sh/warren/internal/fslock"
 )
 
 const (
@@ -123,7 +125,7 @@ func BuildDebianBase(ctx context.Context, opts DebianBaseOptions) (*Image, error
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("build base image: %w", err)
 	}
-	unlock, err := lockDir(ctx, p, dir)
+	unlock, err := fslock.Lock(ctx, filepath.Join(dir, lockName), func() { p.phase("waiting for another build of this image", "dir", dir) })
 	if err != nil {
 		return nil, fmt.Errorf("build base image: %w", err)
 	}
@@ -477,36 +479,6 @@ func copyFile(src, dst string, mode os.FileMode) error {
 		err = os.Chmod(dst, mode)
 	}
 	return err
-}
-
-// lockDir takes an exclusive flock on dir/.lock, waiting while another build
-// holds it, until ctx ends. The returned func releases it.
-func lockDir(ctx context.Context, p *progress, dir string) (func(), error) {
-	f, err := os.OpenFile(filepath.Join(dir, lockName), os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("open lock: %w", err)
-	}
-	waiting := false
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", dir, err)
-		}
-		if !waiting {
-			p.phase("waiting for another build of this image", "dir", dir)
-			waiting = true
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for lock on %s: %w", dir, ctx.Err())
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
 }
 
 // reclaimWorkDirs removes work directories a crashed build left behind. The

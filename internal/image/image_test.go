@@ -551,39 +551,6 @@ func TestRunReportsFailure(t *testing.T) {
 	}
 }
 
-func TestLockDirWaits(t *testing.T) {
-	dir := t.TempDir()
-	p := testProgress(t)
-	unlock, err := lockDir(context.Background(), p, dir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	// A second taker waits, and gives up when its context ends.
-	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
-	defer cancel()
-	if _, err := lockDir(ctx, p, dir); !errors.Is(err, context.DeadlineExceeded) {
-		t.Errorf("lockDir while held: %v, want a deadline error", err)
-	}
-	got := make(chan error, 1)
-	go func() {
-		u, err := lockDir(context.Background(), p, dir)
-		if err == nil {
-			u()
-		}
-		got <- err
-	}()
-	time.Sleep(100 * time.Millisecond)
-	unlock()
-	select {
-	case err := <-got:
-		if err != nil {
-			t.Errorf("lockDir after release: %v", err)
-		}
-	case <-time.After(5 * time.Second):
-		t.Error("lockDir did not get the lock after it was released")
-	}
-}
-
 func TestBuildDebianBaseRejects(t *testing.T) {
 	envd := filepath.Join(t.TempDir(), "envd")
 	must(t, os.WriteFile(envd, []byte("envd"), 0o755))

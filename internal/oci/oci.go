@@ -46,7 +46,8 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/name"
-	"golang.org/x/sys/unix"
+
+	"github.com/warren-sh/warren/internal/fslock"
 )
 
 // Store is warren's local image store.
@@ -298,34 +299,7 @@ func (s *Store) commit(ctx context.Context, ref name.Reference, work string, inf
 
 // lock takes an exclusive flock on path, waiting until ctx ends.
 func (s *Store) lock(ctx context.Context, path string) (func(), error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("image store: %w", err)
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
-		return nil, fmt.Errorf("image store lock: %w", err)
-	}
-	waiting := false
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		if !waiting {
-			s.log().Info("image: waiting for another import or build", "lock", path)
-			waiting = true
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for lock %s: %w", path, ctx.Err())
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+	return fslock.Lock(ctx, path, func() { s.log().Info("image: waiting for another import or build", "lock", path) })
 }
 
 func readInfo(dir string) (Info, error) {

@@ -28,9 +28,8 @@ import (
 	"syscall"
 	"time"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/warren-sh/warren/internal/envd"
+	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/guest"
 	"github.com/warren-sh/warren/internal/image"
 	"github.com/warren-sh/warren/internal/netns"
@@ -226,7 +225,7 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		return a, nil
 	}
 
-	unlock, err := lock(ctx, filepath.Join(base, lockFile))
+	unlock, err := fslock.Lock(ctx, filepath.Join(base, lockFile), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -457,33 +456,6 @@ func fileSHA256(path string) (string, error) {
 		return "", fmt.Errorf("read %s: %w", path, err)
 	}
 	return hex.EncodeToString(h.Sum(nil)), nil
-}
-
-// lock takes an exclusive flock on path, waiting until ctx ends.
-func lock(ctx context.Context, path string) (unlock func(), err error) {
-	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, err
-	}
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, err
-	}
-	for {
-		err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB)
-		if err == nil {
-			return func() { f.Close() }, nil
-		}
-		if !errors.Is(err, unix.EWOULDBLOCK) {
-			f.Close()
-			return nil, fmt.Errorf("lock %s: %w", path, err)
-		}
-		select {
-		case <-ctx.Done():
-			f.Close()
-			return nil, fmt.Errorf("wait for another build (lock %s): %w", path, ctx.Err())
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }
 
 // writeFileAtomic writes data next to p and renames it over p.

@@ -1,0 +1,46 @@
+package fslock
+
+import (
+	"context"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+func TestLockExcludesAndWaits(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "sub", "x.lock")
+	unlock, err := Lock(t.Context(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// A second holder (another open file description: as another process)
+	// waits, says so once, and gives up with its context.
+	ctx, cancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+	defer cancel()
+	waited := 0
+	if _, err := Lock(ctx, p, func() { waited++ }); err == nil {
+		t.Fatal("a second Lock got the held lock")
+	}
+	if waited != 1 {
+		t.Errorf("waiting called %d times, want 1", waited)
+	}
+	// Released, it is taken at once.
+	done := make(chan error, 1)
+	go func() {
+		u, err := Lock(t.Context(), p, nil)
+		if err == nil {
+			u()
+		}
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond)
+	unlock()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("the waiter did not get the released lock")
+	}
+}
