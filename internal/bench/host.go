@@ -95,6 +95,9 @@ type vmProcess struct {
 	Pid      int
 	PSS, RSS float64 // MiB
 	CPU      time.Duration
+	// Warm says the VM was started for the node's warm pool (its state
+	// directory is warm-*): waiting frozen there, or claimed by a sandbox.
+	Warm bool
 }
 
 // vmProcesses finds the QEMU processes of the VMs under root (the server's
@@ -120,6 +123,7 @@ func vmProcesses(root string) ([]vmProcess, error) {
 		if err != nil {
 			continue // exited meanwhile
 		}
+		p.Warm = bytes.Contains(cmdline, append(needle, "warm-"...))
 		out = append(out, p)
 	}
 	return out, nil

@@ -287,6 +287,7 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 		p("| PSS per sandbox, p50 / max | %.1f / %.1f MiB |", Median(d.PSS), Summarize(d.PSS).Max)
 		p("| RSS per sandbox, p50 | %.1f MiB |", Median(d.RSS))
 		p("| CPU per idle sandbox, p50 | %.0f ms/s |", Median(d.IdleCPU))
+		p("| warm pool VMs waiting frozen (not counted above; in the MemAvailable drop) | %d |", d.WarmFrozen)
 		if per := d.perSandboxMiB(); per > 0 {
 			p("| fit by memory (%.1f MiB each): this host's MemAvailable / %d GiB | %.0f / %.0f |", per, densityHostGiB,
 				d.MemAvailableBeforeMiB/per, float64(densityHostGiB<<10)/per)
