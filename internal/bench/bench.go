@@ -197,7 +197,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	defer loop.Close()
 	cfg := sdkConfig{
 		Warmup: o.Warmup, TTI: o.TTI, Burst: o.Burst, RTT: o.RTT, Density: o.Density, Pause: o.Pause,
-		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL, RefillMs: 2000,
+		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL, RefillMs: 3000,
 	}
 	cfgJSON, _ := jsonString(cfg)
 	env := []string{

@@ -193,7 +193,7 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 	p("")
 	p("`Sandbox.create()` → first `commands.run('echo ready')` done: %d one after the other after %d warm-up as pool misses "+
 		"(`allowInternetAccess: false`: warren's warm pool of 2 base VMs holds slots with internet access, so these always restore "+
-		"the snapshot), %d more 2 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
+		"the snapshot), %d more 3 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
 		"(each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
 		"first `/health` 204, no warren in between), half of them before warren started and half after it stopped, each half after "+
 		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst)
