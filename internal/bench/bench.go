@@ -208,8 +208,9 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	answer := func(ev sdkEvent) (any, error) {
 		switch ev.Event {
 		case "density-start":
-			if procs, _ := vmProcesses(srv.vmRoot); len(procs) > 0 {
-				say("density: %d VMs still run before the first create; waiting for them to go", len(procs))
+			// Earlier sandboxes are killed by now; the warm pool's VMs stay.
+			if n := sandboxVMs(srv.vmRoot); n > 0 {
+				say("density: %d VMs still run before the first create; waiting for them to go", n)
 				waitNoVMs(ctx, srv.vmRoot, 30*time.Second)
 			}
 			var err error
@@ -518,11 +519,24 @@ func measureIdle(ctx context.Context, vmRoot string, d *DensityResult) error {
 func waitNoVMs(ctx context.Context, root string, limit time.Duration) {
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) && ctx.Err() == nil {
-		if procs, _ := vmProcesses(root); len(procs) == 0 {
+		if sandboxVMs(root) == 0 {
 			return
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
+}
+
+// sandboxVMs counts the VMs under root that are not the warm pool's. With
+// no sandbox left, every warm-* VM is the pool's (frozen, waiting).
+func sandboxVMs(root string) int {
+	procs, _ := vmProcesses(root)
+	n := 0
+	for _, p := range procs {
+		if !p.Warm {
+			n++
+		}
+	}
+	return n
 }
 
 func freePort() (int, error) {
