@@ -203,8 +203,12 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	w.at = time.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.closed || len(m.pools[a.Dir]) >= m.poolSize[a.Dir] {
-		err = errors.New("the pool is full or the node closed meanwhile")
+	warm := 0
+	for _, p := range m.pools {
+		warm += len(p)
+	}
+	if m.closed || len(m.pools[a.Dir]) >= m.poolSize[a.Dir] || len(m.sandboxes)+warm >= m.max {
+		err = errors.New("the pool is full, the node has no room left or it closed meanwhile")
 		return err
 	}
 	m.pools[a.Dir] = append(m.pools[a.Dir], w)

@@ -55,9 +55,11 @@ func TestWarmPool(t *testing.T) {
 	// idle running clone takes ~13 ticks a second under TCG).
 	pid := warmQEMU(t)
 	before := cpuTicks(t, pid)
-	time.Sleep(time.Second)
-	if d := cpuTicks(t, pid) - before; d > 5 {
-		t.Errorf("the frozen warm VM's QEMU %d used %d ticks (10 ms each) in 1 s", pid, d)
+	time.Sleep(3 * time.Second)
+	d := cpuTicks(t, pid) - before
+	t.Logf("the frozen warm VM's QEMU used %d ticks (10 ms each) in 3 s", d)
+	if d > 15 {
+		t.Errorf("the frozen warm VM's QEMU %d used %d ticks (10 ms each) in 3 s", pid, d)
 	}
 
 	s := spec("warm1")
