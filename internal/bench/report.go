@@ -272,7 +272,7 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 	p("## Density")
 	p("")
 	if d := r.Density; d != nil {
-		p("`Sandbox.create()` of idle `base` sandboxes one after the other, up to %d (the bench lifts the node's memory-derived "+
+		p("`Sandbox.create({allowInternetAccess: false})` of idle `base` sandboxes (restored, not claimed from the warm pool, whose frozen VMs are left out) one after the other, up to %d (the bench lifts the node's memory-derived "+
 			"cap to that count); after %s idle, each QEMU's PSS and RSS (`/proc/<pid>/smaps_rollup`) and CPU, and the host's MemAvailable.",
 			d.Asked, d.Idle)
 		p("")
