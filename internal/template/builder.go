@@ -652,13 +652,13 @@ func (bd *build) runStep(ctx context.Context, g *guestClient, i int) error {
 	case "WORKDIR":
 		dir := bd.states[i].Workdir
 		script := `set -e; mkdir -p -- "$D"; chown -- "$U:$(id -gn -- "$U")" "$D"`
-		return bd.rootScript(ctx, g, step, script, map[string]string{"D": dir, "U": st.User}, out)
+		return bd.rootScript(ctx, g, step, "WORKDIR", script, map[string]string{"D": dir, "U": st.User}, out)
 	case "USER":
 		sudo := "false"
 		if len(s.Args) > 1 && s.Args[1] == "true" {
 			sudo = "true"
 		}
-		return bd.rootScript(ctx, g, step, userScript, map[string]string{"U": s.Args[0], "SUDO": sudo}, out)
+		return bd.rootScript(ctx, g, step, "USER", userScript, map[string]string{"U": s.Args[0], "SUDO": sudo}, out)
 	case "COPY", "ADD":
 		return bd.copyStep(ctx, g, i, out)
 	}
@@ -758,22 +758,21 @@ func (bd *build) copyStep(ctx context.Context, g *guestClient, i int, out func(s
 	}
 	src := strings.TrimPrefix(path.Clean(s.Args[0]), "/")
 	env := map[string]string{"TAR": remote, "SRC": src, "DEST": dest, "OWNER": owner, "MODE": mode}
-	return bd.rootScript(ctx, g, step, copyScript, env, out)
+	return bd.rootScript(ctx, g, step, s.Type, copyScript, env, out)
 }
 
 // rootScript runs a bash script of the builder's as root; it must exit 0.
-func (bd *build) rootScript(ctx context.Context, g *guestClient, step, script string, env map[string]string, out func(string)) error {
+func (bd *build) rootScript(ctx context.Context, g *guestClient, step, what, script string, env map[string]string, out func(string)) error {
 	code, err := g.run(ctx, "root", "/", env, script, out)
 	if err != nil {
 		return err
 	}
 	if code != 0 {
-		return &BuildError{Step: step, Message: fmt.Sprintf("%s failed (exit code %d)", bd.req.Steps[mustAtoi(step)-1].Type, code)}
+		return &BuildError{Step: step, Message: fmt.Sprintf("%s failed (exit code %d)", what, code)}
 	}
 	return nil
 }
 
-func mustAtoi(s string) int { n, _ := strconv.Atoi(s); return n }
 
 // finalize starts the start command and waits for the ready command.
 func (bd *build) finalize(ctx context.Context, g *guestClient, vm runtime.VM) error {
