@@ -773,7 +773,6 @@ func (bd *build) rootScript(ctx context.Context, g *guestClient, step, what, scr
 	return nil
 }
 
-
 // finalize starts the start command and waits for the ready command.
 func (bd *build) finalize(ctx context.Context, g *guestClient, vm runtime.VM) error {
 	req := bd.req
