@@ -267,10 +267,15 @@ func (c *Controller) Count(ctx context.Context, team *store.Team, f store.Sandbo
 // Kill stops one of the team's sandboxes, or removes a paused one's saved
 // state, and forgets it.
 func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) error {
+	// A sandbox past its deadline is gone for clients (Get answers 404 at
+	// once) before the evictor has killed it: this kill does the evictor's
+	// work and answers as Get does.
+	var wasExpired bool
 	sb, err := c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
 		if s.TeamID != team.ID || s.State == store.StateKilling {
 			return sandboxNotFound(id)
 		}
+		wasExpired = expired(s) && !s.AutoPause
 		s.State = store.StateKilling
 		return nil
 	})
@@ -280,7 +285,13 @@ func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) erro
 	if err != nil {
 		return err
 	}
-	return c.finishKill(context.WithoutCancel(ctx), sb)
+	if err := c.finishKill(context.WithoutCancel(ctx), sb); err != nil {
+		return err
+	}
+	if wasExpired {
+		return sandboxNotFound(id)
+	}
+	return nil
 }
 
 // finishKill makes a sandbox that is marked killing unreachable, stops its VM,

@@ -435,7 +435,14 @@ func TestExpiredSandboxIsGoneBeforeEviction(t *testing.T) {
 		t.Errorf("Lookup after the deadline: %v, want ErrNoRoute", err)
 	}
 	if !f.node.isRunning("sb1") {
-		t.Error("nothing but the evictor may kill it")
+		t.Error("nothing but the evictor (or a kill) may kill it")
+	}
+	// A kill answers as Get does (the client's kill() is false), and kills it.
+	if err := c.Kill(ctx, f.teamA, "sb1"); !errors.As(err, &ce) || ce.Kind != control.NotFound {
+		t.Errorf("Kill after the deadline: %v, want NotFound", err)
+	}
+	if f.node.isRunning("sb1") || f.exists("sb1") {
+		t.Errorf("Kill after the deadline left the sandbox: running %v, stored %v", f.node.isRunning("sb1"), f.exists("sb1"))
 	}
 }
 
