@@ -176,7 +176,7 @@ func (m *Manager) syncGuest(ctx context.Context, sb *sandbox) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	base := "http://" + net.JoinHostPort(sb.info.Host, strconv.Itoa(envdPort))
-	if err := m.runGuest(ctx, base, sb.token, "/bin/sh", "-c", "sync"); err != nil {
+	if err := m.runGuest(ctx, base, sb.token, "", "/bin/sh", "-c", "sync"); err != nil {
 		return fmt.Errorf("sync the guest's file systems: %w", err)
 	}
 	return nil

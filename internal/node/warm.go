@@ -2,7 +2,9 @@ package node
 
 import (
 	"bytes"
+	"cmp"
 	"context"
+	"encoding/base64"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -193,7 +195,8 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	if _, err := m.initEnvd(ctx, base, a.InitSecret, withTemplateDefaults(SandboxSpec{}, a)); err != nil {
 		return withConsole(err, w.vm)
 	}
-	if err := m.runGuest(ctx, base, "", "/bin/bash", "-l", "-c", "true"); err != nil {
+	// As the SDK sends a command: Basic auth naming the user, a login shell.
+	if err := m.runGuest(ctx, base, "", cmp.Or(a.User, defaultUser), "/bin/bash", "-l", "-c", "echo ready"); err != nil {
 		return err
 	}
 	m.client.CloseIdleConnections()
@@ -230,12 +233,16 @@ func (m *Manager) closeWarm() {
 	}
 }
 
-// runGuest runs a command through the guest's envd and waits for it to exit 0.
-func (m *Manager) runGuest(ctx context.Context, base, token, cmd string, args ...string) error {
+// runGuest runs a command through the guest's envd (as user, when set;
+// else the default user) and waits for it to exit 0.
+func (m *Manager) runGuest(ctx context.Context, base, token, user, cmd string, args ...string) error {
 	proc := processconnect.NewProcessClient(m.client, base, connect.WithProtoJSON())
 	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: cmd, Args: args}})
 	if token != "" {
 		req.Header().Set("X-Access-Token", token)
+	}
+	if user != "" {
+		req.Header().Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(user+":")))
 	}
 	stream, err := proc.Start(ctx, req)
 	if err != nil {
