@@ -4,8 +4,8 @@ import (
 	"bytes"
 	"cmp"
 	"context"
-	"encoding/base64"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -44,7 +44,8 @@ type warmVM struct {
 }
 
 // SetWarmPool keeps size sandboxes of the template build in artifact (a
-// SandboxSpec.Artifact) restored and ready; 0 empties the pool.
+// SandboxSpec.Artifact) restored and ready. A smaller size stops refills;
+// VMs already warm stay until claimed or the node closes.
 func (m *Manager) SetWarmPool(artifact string, size int) error {
 	a, err := m.artifact(artifact)
 	if err != nil {
