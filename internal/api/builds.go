@@ -36,6 +36,9 @@ type templateBuildRequestV3 struct {
 	Tags     []string `json:"tags"`
 	CPUCount *int     `json:"cpuCount"`
 	MemoryMB *int     `json:"memoryMB"`
+	// MinFreeDiskMB is the free disk the template's sandboxes start with,
+	// at least (the build grows the disk when the steps left less).
+	MinFreeDiskMB *int `json:"minFreeDiskMb"`
 }
 
 // templateRequestResponseV3 is the TemplateRequestResponseV3 schema.
@@ -66,7 +69,7 @@ func (s *server) createTemplateV3(w http.ResponseWriter, r *http.Request, team *
 		name = body.Alias
 	}
 	res, err := tpl.RequestBuild(r.Context(), team, control.NewBuild{
-		Name: name, Tags: body.Tags, CPUCount: body.CPUCount, MemoryMB: body.MemoryMB,
+		Name: name, Tags: body.Tags, CPUCount: body.CPUCount, MemoryMB: body.MemoryMB, MinFreeDiskMB: body.MinFreeDiskMB,
 	})
 	if err != nil {
 		return err

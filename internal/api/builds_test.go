@@ -210,7 +210,7 @@ func TestTemplateBuildFlow(t *testing.T) {
 	e := newBuildEnv(t, buildOptions{maxUploadBytes: 1 << 20, fillerLines: 150})
 
 	// 1. Request the build.
-	r := e.request(keyA, `{"name":"my-tpl:v1","cpuCount":2,"memoryMB":1024}`)
+	r := e.request(keyA, `{"name":"my-tpl:v1","cpuCount":2,"memoryMB":1024,"minFreeDiskMb":2048}`)
 	if len(r.TemplateID) != 20 || strings.Trim(r.TemplateID, "abcdefghijklmnopqrstuvwxyz0123456789") != "" {
 		t.Errorf("templateID = %q, want 20 characters [a-z0-9]", r.TemplateID)
 	}
@@ -292,7 +292,7 @@ func TestTemplateBuildFlow(t *testing.T) {
 		t.Fatalf("builder ran %d builds, want 1", len(reqs))
 	}
 	got := reqs[0]
-	if got.From.Template == nil || got.From.Template.Dir != e.baseArtifact || got.CPUs != 2 || got.MemoryMiB != 1024 ||
+	if got.From.Template == nil || got.From.Template.Dir != e.baseArtifact || got.CPUs != 2 || got.MemoryMiB != 1024 || got.MinFreeDiskMiB != 2048 ||
 		got.StartCmd != "python3 -m http.server" || got.ReadyCmd != "sleep 1" || len(got.Steps) != 5 ||
 		got.Steps[1].FilesHash != filesHash || fmt.Sprint(got.Steps[0].Args) != "[apt-get update root]" {
 		t.Errorf("builder request = %+v, want the base artifact, 2 CPUs, 1024 MiB, the commands and 5 steps", got)
@@ -487,6 +487,7 @@ func TestTemplateRequestValidation(t *testing.T) {
 		{"memory low", `{"name":"x","memoryMB":64}`, "Memory must be at least 128 MiB"},
 		{"memory odd", `{"name":"x","memoryMB":1025}`, "Memory must be divisible by 2"},
 		{"cpu type", `{"name":"x","cpuCount":"2"}`, `Field "cpuCount"`},
+		{"free disk negative", `{"name":"x","minFreeDiskMb":-1}`, "minFreeDiskMb must be between 0 and"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e.do("POST", "/v3/templates", keyA, tc.body).wantError(t, http.StatusBadRequest, tc.msg)

@@ -139,6 +139,8 @@ type buildSpec struct {
 	Steps        []template.Step `json:"steps,omitempty"`
 	StartCmd     string          `json:"startCmd,omitempty"`
 	ReadyCmd     string          `json:"readyCmd,omitempty"`
+	// MinFreeDiskMB comes with the request (TemplateBuildRequestV3).
+	MinFreeDiskMB int `json:"minFreeDiskMb,omitempty"`
 }
 
 func decodeSpec(b *store.Build) (buildSpec, error) {
@@ -225,6 +227,9 @@ func (t *Templates) failInterrupted(ctx context.Context) error {
 // MaxUploadBytes is the largest COPY upload accepted.
 func (t *Templates) MaxUploadBytes() int64 { return t.cfg.MaxUploadBytes }
 
+// maxMinFreeDiskMB bounds a build's minFreeDiskMb: 256 GiB.
+const maxMinFreeDiskMB = 256 << 10
+
 // NewBuild is a request for a template build (TemplateBuildRequestV3).
 type NewBuild struct {
 	// Name is "[namespace/]alias[:tag]"; a tag counts as one of Tags.
@@ -232,6 +237,9 @@ type NewBuild struct {
 	Tags []string
 	// CPUCount and MemoryMB size the build and its sandboxes; nil: defaults.
 	CPUCount, MemoryMB *int
+	// MinFreeDiskMB is the free disk to leave after the steps; nil: as the
+	// source leaves it.
+	MinFreeDiskMB *int
 }
 
 // RequestedBuild is a build RequestBuild created (TemplateRequestResponseV3).
@@ -274,6 +282,12 @@ func (t *Templates) RequestBuild(ctx context.Context, team *store.Team, req NewB
 		return nil, err
 	}
 	tags = slices.DeleteFunc(tags, func(s string) bool { return s == defaultTag }) // always given
+	minFree := 0
+	if req.MinFreeDiskMB != nil {
+		if minFree = *req.MinFreeDiskMB; minFree < 0 || minFree > maxMinFreeDiskMB {
+			return nil, errorf(Invalid, "minFreeDiskMb must be between 0 and %d, got %d", maxMinFreeDiskMB, minFree)
+		}
+	}
 	cpus, memMB, err := buildResources(req.CPUCount, req.MemoryMB)
 	if err != nil {
 		return nil, err
@@ -320,7 +334,7 @@ func (t *Templates) RequestBuild(ctx context.Context, team *store.Team, req NewB
 	}
 	b := &store.Build{
 		ID: buildID, TemplateID: tmpl.ID, Status: store.BuildWaiting, CPUCount: cpus, MemoryMB: memMB,
-		Spec: encodeSpec(buildSpec{Tags: tags}), CreatedAt: now, UpdatedAt: now,
+		Spec: encodeSpec(buildSpec{Tags: tags, MinFreeDiskMB: minFree}), CreatedAt: now, UpdatedAt: now,
 	}
 	if err := t.store.CreateBuild(ctx, b); err != nil {
 		return nil, fmt.Errorf("create build of template %s: %w", tmpl.ID, err)
@@ -702,6 +716,7 @@ func (t *Templates) build(ctx context.Context, q *queuedBuild, b *store.Build, l
 	return t.cfg.Builder.Build(ctx, template.BuildRequest{
 		BuildID: b.ID, TemplateID: b.TemplateID, From: *src, Steps: q.spec.Steps, Force: q.spec.Force,
 		StartCmd: q.spec.StartCmd, ReadyCmd: q.spec.ReadyCmd, CPUs: b.CPUCount, MemoryMiB: b.MemoryMB,
+		MinFreeDiskMiB: q.spec.MinFreeDiskMB,
 		Files: func(hash string) (string, error) {
 			if !hashPattern.MatchString(hash) {
 				return "", fmt.Errorf("invalid files hash %q", hash)

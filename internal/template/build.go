@@ -24,6 +24,10 @@ type BuildRequest struct {
 	StartCmd, ReadyCmd string
 	// CPUs and MemoryMiB size the build VM and every sandbox of the template.
 	CPUs, MemoryMiB int
+	// MinFreeDiskMiB is the free space the template's file system keeps
+	// after the steps, at least: the build grows the disk when they left
+	// less (minFreeDiskMb). 0: as the source and the steps leave it.
+	MinFreeDiskMiB int
 	// Files returns the local path of the uploaded tar.gz of a COPY step's
 	// files (Step.FilesHash); an error if it was never uploaded.
 	Files func(hash string) (string, error)

@@ -416,7 +416,7 @@ func (bd *build) cachedSteps() int {
 func (bd *build) finalKey() string {
 	r := bd.req
 	last := bd.states[len(bd.states)-1]
-	return hashOf(bd.hashes[len(bd.hashes)-1], r.StartCmd, r.ReadyCmd, r.CPUs, r.MemoryMiB,
+	return hashOf(bd.hashes[len(bd.hashes)-1], r.StartCmd, r.ReadyCmd, r.CPUs, r.MemoryMiB, r.MinFreeDiskMiB,
 		bd.b.cfg.Runtime.Version(), bd.b.cfg.Runtime.Accel(), last)
 }
 
@@ -565,6 +565,9 @@ func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, 
 			return nil, &BuildError{Step: step, Message: err.Error()}
 		}
 		bd.logf(step, "info", "done in %s", time.Since(t0).Round(time.Millisecond))
+	}
+	if err := bd.ensureFreeDisk(ctx, g, vm); err != nil {
+		return nil, err
 	}
 	if err := bd.finalize(ctx, g, vm); err != nil {
 		return nil, err
@@ -771,6 +774,74 @@ func (bd *build) rootScript(ctx context.Context, g *guestClient, step, what, scr
 		return &BuildError{Step: step, Message: fmt.Sprintf("%s failed (exit code %d)", what, code)}
 	}
 	return nil
+}
+
+// ensureFreeDisk grows the build VM's disk and its root file system (online:
+// QMP block_resize, then resize2fs in the guest) when the steps left less
+// free space than the request asks for. The growth lands in the VM's last
+// overlay, so the template's sandboxes have it; the cached step layers keep
+// their size.
+func (bd *build) ensureFreeDisk(ctx context.Context, g *guestClient, vm runtime.VM) error {
+	want := bd.req.MinFreeDiskMiB
+	if want <= 0 {
+		return nil
+	}
+	free, size, err := bd.diskSpace(ctx, g)
+	if err != nil {
+		return err
+	}
+	if free >= want {
+		bd.logf("finalize", "info", "%d MiB free on the disk (at least %d asked)", free, want)
+		return nil
+	}
+	// ext4 keeps some of the new space for its own metadata: ask for more.
+	grow := want - free + (want-free)/16 + 64
+	bd.logf("finalize", "info", "growing the disk by %d MiB: %d MiB free, %d MiB asked", grow, free, want)
+	if err := bd.b.cfg.Runtime.ResizeDisk(ctx, vm, (int64(size)+int64(grow))<<20); err != nil {
+		return &BuildError{Step: "finalize", Message: fmt.Sprintf("grow the disk: %v", err)}
+	}
+	code, err := g.run(ctx, "root", "/", nil, "resize2fs \"$(findmnt -n -o SOURCE /)\"", func(l string) { bd.logf("finalize", "debug", "%s", l) })
+	if err == nil && code != 0 {
+		err = fmt.Errorf("resize2fs exited with code %d", code)
+	}
+	if err != nil {
+		return &BuildError{Step: "finalize", Message: fmt.Sprintf("grow the file system: %v", err)}
+	}
+	if free, _, err = bd.diskSpace(ctx, g); err != nil {
+		return err
+	}
+	if free < want {
+		return &BuildError{Step: "finalize", Message: fmt.Sprintf("the disk has %d MiB free after growing it, %d asked", free, want)}
+	}
+	bd.logf("finalize", "info", "%d MiB free on the disk now", free)
+	return nil
+}
+
+// diskSpace reads the root file system's free space and its disk's size, in MiB.
+func (bd *build) diskSpace(ctx context.Context, g *guestClient) (free, size int, err error) {
+	var out strings.Builder
+	script := `df -B1M --output=avail / | tail -n 1; blockdev --getsize64 "$(findmnt -n -o SOURCE /)"`
+	code, err := g.run(ctx, "root", "/", nil, script, func(l string) { out.WriteString(l + "\n") })
+	if err == nil && code != 0 {
+		err = fmt.Errorf("exited with code %d: %s", code, out.String())
+	}
+	if err == nil {
+		f := strings.Fields(out.String())
+		if len(f) != 2 {
+			err = fmt.Errorf("unexpected output %q", out.String())
+		} else {
+			var bytes int64
+			free, err = strconv.Atoi(f[0])
+			if err == nil {
+				bytes, err = strconv.ParseInt(f[1], 10, 64)
+				size = int(bytes >> 20)
+			}
+		}
+	}
+	if err != nil {
+		return 0, 0, &BuildError{Step: "finalize", Message: fmt.Sprintf("read the free disk space: %v", err)}
+	}
+	return free, size, nil
 }
 
 // finalize starts the start command and waits for the ready command.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -327,5 +328,32 @@ func TestBuildFromImage(t *testing.T) {
 		if got := strings.TrimSpace(run(t, proc, token, tc.script)); got != tc.want {
 			t.Errorf("%q printed %q, want %q", tc.script, got, tc.want)
 		}
+	}
+}
+
+// TestBuildMinFreeDisk asks for more free disk than base leaves (~1 GiB):
+// the build grows the disk and its file system, and sandboxes have the room.
+func TestBuildMinFreeDisk(t *testing.T) {
+	pool := newPool(t)
+	base := ensureBase(t, pool)
+	b, _ := newBuilder(t, pool, base)
+	var log buildLog
+	a, err := b.Build(t.Context(), template.BuildRequest{
+		BuildID: "disk-1", TemplateID: "disktest", From: template.Source{Template: base},
+		Steps:          []template.Step{{Type: "RUN", Args: []string{"true"}}},
+		MinFreeDiskMiB: 2048, CPUs: base.CPUs, MemoryMiB: base.MemoryMiB, Log: log.add,
+	})
+	t.Logf("build log:\n%s", log.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !log.has("finalize", "growing the disk") {
+		t.Errorf("the build did not grow the disk")
+	}
+	proc, token := restore(t, pool, a)
+	out := strings.TrimSpace(run(t, proc, token, "df -B1M --output=avail / | tail -n 1"))
+	free, err := strconv.Atoi(out)
+	if err != nil || free < 2048 {
+		t.Errorf("a sandbox of the template has %q MiB free, want at least 2048", out)
 	}
 }

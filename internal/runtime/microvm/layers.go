@@ -112,3 +112,27 @@ func (r *Runtime) runState(ctx context.Context, rv runtime.VM, command string) e
 	}
 	return nil
 }
+
+// ResizeDisk grows the running VM's disk to size bytes (QMP block_resize of
+// the image its writes go to). The guest sees the new size at once; its file
+// system grows with resize2fs. Layers below keep their size.
+func (r *Runtime) ResizeDisk(ctx context.Context, rv runtime.VM, size int64) error {
+	v, err := r.own(rv)
+	if err != nil {
+		return err
+	}
+	v.ops.Lock()
+	defer v.ops.Unlock()
+	if v.snapshotted || v.exited() {
+		return fmt.Errorf("microvm: resize the disk of %s: the VM is not running", v.ID())
+	}
+	q, err := dialQMP(ctx, v.path(qmpFile))
+	if err != nil {
+		return fmt.Errorf("microvm: resize the disk of %s: %w", v.ID(), err)
+	}
+	defer q.Close()
+	if err := q.execute(ctx, "block_resize", map[string]any{"device": "root", "size": size}, nil); err != nil {
+		return fmt.Errorf("microvm: resize the disk of %s to %d bytes: %w", v.ID(), size, err)
+	}
+	return nil
+}
