@@ -38,6 +38,13 @@ describe('warren template build FROM an imported OCI image', opts, () => {
   after(async () => {
     for (const sb of sandboxes) await Sandbox.kill(sb.sandboxId).catch(() => {})
     context?.remove()
+    // The template and the imported image (and its root image) live in the
+    // shared test data dir: leave nothing of this run there.
+    const rm = await warren(['template', 'rm', name])
+    assert.equal(rm.code, 0, `warren template rm: ${describeRun(rm)}`)
+    const dataDir = process.env.WARREN_COMPAT_DATA_DIR || '/var/tmp/warren-test-cache'
+    const rmi = await warren(['image', 'rm', '--data-dir', dataDir, image])
+    assert.equal(rmi.code, 0, `warren image rm: ${describeRun(rmi)}`)
   })
 
   it('builds', () => {
