@@ -50,6 +50,13 @@ after(async () => {
 
 describe('e2b template create', opts, () => {
   const name = uniqueName('compat-e2bcli')
+  // The template lives in the shared test data dir: delete it.
+  after(async () => {
+    // Its sandboxes first: a template in use is not deleted (409).
+    for (const sb of sandboxes.splice(0)) await Sandbox.kill(sb.sandboxId).catch(() => {})
+    const r = await warren(['template', 'rm', name])
+    assert.equal(r.code, 0, `warren template rm ${name}: ${describeRun(r)}`)
+  })
 
   it('builds a Dockerfile FROM e2bdev/base', opts, async () => {
     const r = await run(process.execPath, [E2B_CLI, 'template', 'create', name, '--memory-mb', '1024'], { cwd: context.dir })

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict'
 import { after, before, describe, it } from 'node:test'
 import { BuildError, Sandbox, Template, waitForPort } from 'e2b'
 import { uniqueName } from '../helpers.mjs'
-import { BUILD_TIMEOUT_MS, expectSandbox, makeContext } from './lib.mjs'
+import { BUILD_TIMEOUT_MS, describeRun, expectSandbox, makeContext, warren } from './lib.mjs'
 
 const opts = { timeout: BUILD_TIMEOUT_MS }
 const sandboxes = []
@@ -14,6 +14,11 @@ const names = []
 
 after(async () => {
   for (const sb of sandboxes) await Sandbox.kill(sb.sandboxId).catch(() => {})
+  // The templates live in the shared test data dir: delete them.
+  for (const name of names) {
+    const r = await warren(['template', 'rm', name])
+    assert.equal(r.code, 0, `warren template rm ${name}: ${describeRun(r)}`)
+  }
 })
 
 // web is the template under test. fileContextPath is the COPY context.
@@ -108,7 +113,9 @@ describe('a failing RUN step', opts, () => {
     const template = Template().fromTemplate('base').runCmd('echo fine').runCmd('echo doomed-step >&2; exit 3')
     let err
     try {
-      await Template.build(template, uniqueName('compat-fail'), { onBuildLogs: (e) => logs.push(e) })
+      const failName = uniqueName('compat-fail')
+      names.push(failName)
+      await Template.build(template, failName, { onBuildLogs: (e) => logs.push(e) })
     } catch (e) {
       err = e
     }
