@@ -294,18 +294,13 @@ func buildBase(ctx context.Context, p *progress, dir string, in BaseInputs, kern
 	if old, err := opts.Runtime.Adopt(ctx, spec.ID); err == nil {
 		opts.Runtime.Kill(ctx, old)
 	}
-	started := time.Now()
-	vm, err := opts.Runtime.Start(ctx, spec)
+	p.phase("booting the template VM (%d vCPUs, %d MiB, %s)", a.CPUs, a.MemoryMiB, opts.Runtime.Accel())
+	envdURL := "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
+	vm, started, err := coldBoot(ctx, opts.Runtime, spec, envdURL, func(msg string) { p.phase("%s", msg) })
 	if err != nil {
 		return nil, err
 	}
 	defer opts.Runtime.Kill(context.WithoutCancel(ctx), vm)
-	p.phase("booting the template VM (%d vCPUs, %d MiB, %s)", a.CPUs, a.MemoryMiB, opts.Runtime.Accel())
-
-	envdURL := "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
-	if err := waitHealth(ctx, envdURL, vm.Done()); err != nil {
-		return nil, withConsole(err, vm)
-	}
 	boot := time.Since(started)
 	a.BootToHealth = boot.Round(time.Millisecond).String()
 	p.phase("envd answered %s after QEMU started", a.BootToHealth)
@@ -361,7 +356,11 @@ const envdPort = 49983
 // ends. A cold boot under TCG takes seconds; a bound keeps a guest that never
 // comes up from hanging the build.
 func waitHealth(ctx context.Context, base string, exited <-chan struct{}) error {
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Minute)
+	return waitHealthWithin(ctx, base, exited, 5*time.Minute)
+}
+
+func waitHealthWithin(ctx context.Context, base string, exited <-chan struct{}, limit time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, limit)
 	defer cancel()
 	client := newClient()
 	var last error
@@ -386,6 +385,45 @@ func waitHealth(ctx context.Context, base string, exited <-chan struct{}) error 
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// Cold boots under TCG now and then hang early in the guest (seen under load:
+// the console stops after "PCI: Fatal: No config space access function
+// found"); a boot normally answers in seconds. coldBoot gives each attempt
+// bootAttemptLimit and tries bootAttempts times.
+const (
+	bootAttempts     = 3
+	bootAttemptLimit = 2 * time.Minute
+)
+
+// coldBoot starts spec and waits for its envd's /health at url, booting again
+// when a boot does not answer; it returns the VM and when its QEMU started.
+// A Spec.Overlay is the attempt's own: removed before the next one.
+func coldBoot(ctx context.Context, rt *microvm.Runtime, spec runtime.Spec, url string, say func(string)) (runtime.VM, time.Time, error) {
+	var last error
+	for attempt := 1; attempt <= bootAttempts; attempt++ {
+		started := time.Now()
+		vm, err := rt.Start(ctx, spec)
+		if err != nil {
+			return nil, started, err
+		}
+		err = waitHealthWithin(ctx, url, vm.Done(), bootAttemptLimit)
+		if err == nil {
+			return vm, started, nil
+		}
+		last = withConsole(err, vm)
+		rt.Kill(context.WithoutCancel(ctx), vm)
+		if spec.Overlay != "" {
+			os.Remove(spec.Overlay)
+		}
+		if ctx.Err() != nil {
+			break
+		}
+		if attempt < bootAttempts {
+			say(fmt.Sprintf("the VM did not come up (attempt %d of %d), booting it again: %v", attempt, bootAttempts, err))
+		}
+	}
+	return nil, time.Time{}, last
 }
 
 // initEnvd gives the template's envd its defaults: every sandbox restored

@@ -519,17 +519,13 @@ func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, 
 	if cached < n {
 		spec.Overlay = bd.newLayer(cached + 1)
 	}
-	started := time.Now()
 	bd.logf("base", "info", "booting the build VM (%d vCPUs, %d MiB, %s) from %s", a.CPUs, a.MemoryMiB, b.cfg.Runtime.Accel(), filepath.Base(root))
-	vm, err := b.cfg.Runtime.Start(ctx, spec)
+	g := &guestClient{base: "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))}
+	vm, started, err := coldBoot(ctx, b.cfg.Runtime, spec, g.base, func(msg string) { bd.logf("base", "warn", "%s", msg) })
 	if err != nil {
 		return nil, &BuildError{Step: "base", Message: fmt.Sprintf("boot the build VM: %v", err)}
 	}
 	defer b.cfg.Runtime.Kill(context.WithoutCancel(ctx), vm)
-	g := &guestClient{base: "http://" + net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))}
-	if err := waitHealth(ctx, g.base, vm.Done()); err != nil {
-		return nil, &BuildError{Step: "base", Message: withConsole(err, vm).Error()}
-	}
 	if err := g.init(ctx, a.InitSecret, b.cfg.DNS); err != nil {
 		return nil, &BuildError{Step: "base", Message: withConsole(err, vm).Error()}
 	}
