@@ -244,9 +244,10 @@ func (c *Controller) Get(ctx context.Context, team *store.Team, id string) (*sto
 
 // expired reports whether a running sandbox is past its deadline: it is gone
 // for clients (the proxy stops routing to it at once) even before the evictor
-// has killed it.
+// has killed it. A sandbox with autoPause does not expire: at its deadline
+// the evictor pauses it, and until then clients see it running.
 func expired(sb *store.Sandbox) bool {
-	return sb.State == store.StateRunning && !sb.EndAt.After(time.Now())
+	return sb.State == store.StateRunning && !sb.AutoPause && !sb.EndAt.After(time.Now())
 }
 
 // List returns the team's sandboxes that match f (f.TeamID is set here).
@@ -275,7 +276,7 @@ func (c *Controller) Kill(ctx context.Context, team *store.Team, id string) erro
 		if s.TeamID != team.ID || s.State == store.StateKilling {
 			return sandboxNotFound(id)
 		}
-		wasExpired = expired(s) && !s.AutoPause
+		wasExpired = expired(s)
 		s.State = store.StateKilling
 		return nil
 	})
