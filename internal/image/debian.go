@@ -112,7 +112,7 @@ func BuildDebianBase(ctx context.Context, opts DebianBaseOptions) (*Image, error
 	} else if !fi.Mode().IsRegular() {
 		return nil, fmt.Errorf("build base image: envd %s is not a regular file", envd)
 	}
-	envdSHA, err := fileSHA256(envd)
+	envdSHA, err := FileSHA256(envd)
 	if err != nil {
 		return nil, fmt.Errorf("build base image: %w", err)
 	}

@@ -261,7 +261,7 @@ func TestDebianBaseEnvd(t *testing.T) {
 	if s.Type != "regular" || s.Size != fi.Size() || s.Mode != 0o755 || s.UID != 0 {
 		t.Errorf("/usr/bin/envd = %+v, want a regular file of %d bytes, mode 0755, owned by root", s, fi.Size())
 	}
-	want, err := fileSHA256(envd)
+	want, err := FileSHA256(envd)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -416,7 +416,7 @@ func TestDebianBaseNewEnvd(t *testing.T) {
 		t.Errorf("envd swap took %s, as long as a rebuild", took)
 	}
 	t.Logf("envd swap took %s", took.Round(10*time.Millisecond))
-	want, err := fileSHA256(newEnvd)
+	want, err := FileSHA256(newEnvd)
 	if err != nil {
 		t.Fatal(err)
 	}

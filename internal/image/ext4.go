@@ -255,7 +255,8 @@ func fileSHA256InImage(ctx context.Context, p *progress, tools map[string]string
 }
 
 // fileSHA256 hashes a host file.
-func fileSHA256(path string) (string, error) {
+// FileSHA256 is the hex SHA-256 of a file (envd binaries, images).
+func FileSHA256(path string) (string, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return "", fmt.Errorf("hash %s: %w", path, err)

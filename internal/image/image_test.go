@@ -258,7 +258,7 @@ func TestReplaceEnvd(t *testing.T) {
 			// A source without exec bits: the image's envd gets 0755 anyway.
 			src := filepath.Join(t.TempDir(), "envd")
 			must(t, os.WriteFile(src, []byte("new envd"), 0o600))
-			sum, err := fileSHA256(src)
+			sum, err := FileSHA256(src)
 			if err != nil {
 				t.Fatal(err)
 			}

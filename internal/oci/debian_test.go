@@ -77,7 +77,7 @@ func TestDebianImage(t *testing.T) {
 	if sudo.Mode != 0o4755 || sudo.UID != 0 {
 		t.Errorf("/usr/bin/sudo mode %o uid %d, want 4755 root", sudo.Mode, sudo.UID)
 	}
-	want, _ := fileSHA256(envd)
+	want, _ := image.FileSHA256(envd)
 	if fs.EnvdSHA256 != want {
 		t.Errorf("envd sha %s, want %s", fs.EnvdSHA256, want)
 	}

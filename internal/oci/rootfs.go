@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"time"
@@ -64,7 +63,7 @@ func (s *Store) RootImage(ctx context.Context, ref, envd string, creds *Credenti
 	if err != nil {
 		return nil, err
 	}
-	envdSHA, err := fileSHA256(envd)
+	envdSHA, err := image.FileSHA256(envd)
 	if err != nil {
 		return nil, fmt.Errorf("root image for %s: envd: %w", FamiliarName(r), err)
 	}
@@ -191,17 +190,4 @@ func readRootFS(dir string) (*RootFS, error) {
 		return nil, err
 	}
 	return &fs, nil
-}
-
-func fileSHA256(p string) (string, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("read %s: %w", p, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }

@@ -191,7 +191,7 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 	if opts.MemoryMiB == 0 {
 		opts.MemoryMiB = DefaultBaseMemoryMiB
 	}
-	envdSHA, err := fileSHA256(opts.Envd)
+	envdSHA, err := image.FileSHA256(opts.Envd)
 	if err != nil {
 		return nil, fmt.Errorf("envd binary: %w", err)
 	}
@@ -481,19 +481,6 @@ func linkOrCopy(src, dst string) error {
 		return fmt.Errorf("copy %s to %s: %w: %s", src, dst, err, out)
 	}
 	return nil
-}
-
-func fileSHA256(path string) (string, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return "", err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return "", fmt.Errorf("read %s: %w", path, err)
-	}
-	return hex.EncodeToString(h.Sum(nil)), nil
 }
 
 // writeFileAtomic writes data next to p and renames it over p.
