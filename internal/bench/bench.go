@@ -350,7 +350,7 @@ func prepare(ctx context.Context, o Options, n int, res *Results, say func(strin
 		}
 		say("making sure the base template exists in %s (the first time takes several minutes)", o.DataDir)
 		if art, err = template.EnsureBase(ctx, o.DataDir, template.BaseOptions{
-			Envd: o.Envd, Runtime: rt, Slots: pool, Progress: prefixWriter{progress, "bench: base: "},
+			Envd: o.Envd, Runtime: rt, Slots: pool, Progress: server.PrefixWriter{W: progress, Prefix: "bench: base: "},
 		}); err != nil {
 			return err
 		}
@@ -567,19 +567,4 @@ func (w *lineWriter) Write(b []byte) (int, error) {
 		w.fn(string(w.buf[:i]))
 		w.buf = w.buf[i+1:]
 	}
-}
-
-// prefixWriter prefixes every line written through it.
-type prefixWriter struct {
-	w      io.Writer
-	prefix string
-}
-
-func (p prefixWriter) Write(b []byte) (int, error) {
-	for _, line := range strings.SplitAfter(string(b), "\n") {
-		if line != "" {
-			fmt.Fprint(p.w, p.prefix+line)
-		}
-	}
-	return len(b), nil
 }

@@ -202,7 +202,7 @@ func openStore(ctx context.Context, cfg Config) (store.Store, error) {
 func ensureBase(ctx context.Context, cfg Config, rt *microvm.Runtime, slots *netns.Pool, st store.Store, out io.Writer) (*template.Artifact, error) {
 	fmt.Fprintln(out, "warren: making sure the base template exists (the first time takes several minutes)")
 	art, err := template.EnsureBase(ctx, cfg.DataDir, template.BaseOptions{
-		Envd: cfg.Envd, Runtime: rt, Slots: slots, Mirror: cfg.DebianMirror, Progress: prefixWriter{out, "warren: base: "},
+		Envd: cfg.Envd, Runtime: rt, Slots: slots, Mirror: cfg.DebianMirror, Progress: PrefixWriter{W: out, Prefix: "warren: base: "},
 	})
 	if err != nil {
 		return nil, err
@@ -352,16 +352,17 @@ func nodeID() string {
 	return "local"
 }
 
-// prefixWriter prefixes every line written through it.
-type prefixWriter struct {
-	w      io.Writer
-	prefix string
+// PrefixWriter prefixes every line written through it (progress output of
+// long work, such as the base template's build).
+type PrefixWriter struct {
+	W      io.Writer
+	Prefix string
 }
 
-func (p prefixWriter) Write(b []byte) (int, error) {
+func (p PrefixWriter) Write(b []byte) (int, error) {
 	for _, line := range strings.SplitAfter(string(b), "\n") {
 		if line != "" {
-			fmt.Fprint(p.w, p.prefix+line)
+			fmt.Fprint(p.W, p.Prefix+line)
 		}
 	}
 	return len(b), nil
