@@ -93,6 +93,11 @@ func (r *Runtime) Thaw(ctx context.Context, rv runtime.VM) error {
 }
 
 func (r *Runtime) runState(ctx context.Context, rv runtime.VM, command string) error {
+	return r.command(ctx, rv, command, command, nil)
+}
+
+// command runs one QMP command on a running VM; what names it in errors.
+func (r *Runtime) command(ctx context.Context, rv runtime.VM, what, command string, args map[string]any) error {
 	v, err := r.own(rv)
 	if err != nil {
 		return err
@@ -100,15 +105,19 @@ func (r *Runtime) runState(ctx context.Context, rv runtime.VM, command string) e
 	v.ops.Lock()
 	defer v.ops.Unlock()
 	if v.snapshotted || v.exited() {
-		return fmt.Errorf("microvm: %s %s: the VM is not running", command, v.ID())
+		return fmt.Errorf("microvm: %s %s: the VM is not running", what, v.ID())
 	}
 	q, err := dialQMP(ctx, v.path(qmpFile))
 	if err != nil {
-		return fmt.Errorf("microvm: %s %s: %w", command, v.ID(), err)
+		return fmt.Errorf("microvm: %s %s: %w", what, v.ID(), err)
 	}
 	defer q.Close()
-	if err := q.execute(ctx, command, nil, nil); err != nil {
-		return fmt.Errorf("microvm: %s %s: %w", command, v.ID(), err)
+	var arguments any // a nil map would be sent as "arguments": null, which QEMU refuses
+	if args != nil {
+		arguments = args
+	}
+	if err := q.execute(ctx, command, arguments, nil); err != nil {
+		return fmt.Errorf("microvm: %s %s: %w", what, v.ID(), err)
 	}
 	return nil
 }
@@ -117,22 +126,5 @@ func (r *Runtime) runState(ctx context.Context, rv runtime.VM, command string) e
 // the image its writes go to). The guest sees the new size at once; its file
 // system grows with resize2fs. Layers below keep their size.
 func (r *Runtime) ResizeDisk(ctx context.Context, rv runtime.VM, size int64) error {
-	v, err := r.own(rv)
-	if err != nil {
-		return err
-	}
-	v.ops.Lock()
-	defer v.ops.Unlock()
-	if v.snapshotted || v.exited() {
-		return fmt.Errorf("microvm: resize the disk of %s: the VM is not running", v.ID())
-	}
-	q, err := dialQMP(ctx, v.path(qmpFile))
-	if err != nil {
-		return fmt.Errorf("microvm: resize the disk of %s: %w", v.ID(), err)
-	}
-	defer q.Close()
-	if err := q.execute(ctx, "block_resize", map[string]any{"device": "root", "size": size}, nil); err != nil {
-		return fmt.Errorf("microvm: resize the disk of %s to %d bytes: %w", v.ID(), size, err)
-	}
-	return nil
+	return r.command(ctx, rv, fmt.Sprintf("resize the disk (to %d bytes) of", size), "block_resize", map[string]any{"device": "root", "size": size})
 }
