@@ -38,7 +38,7 @@ const uploadSize = 100 << 20
 
 func BenchmarkUpload(b *testing.B) {
 	m := newManager(b, node.Config{})
-	info := create(b, m, spec("bench-upload"))
+	info := create(b, m, spec("benchupload"))
 	token := "token-" + info.ID
 	logLoad(b)
 	b.Logf("guest eth0 features: %s", strings.TrimSpace(run(b, info, guestNetInfo)))
@@ -72,7 +72,9 @@ func BenchmarkUpload(b *testing.B) {
 		if err != nil {
 			b.Fatal(err)
 		}
-		req.Header = header.Clone()
+		for k, v := range header {
+			req.Header[k] = v
+		}
 		req.Header.Set("Content-Type", contentType)
 		req.Header.Set("X-Access-Token", token)
 		resp, err := http.DefaultClient.Do(req)

@@ -1,0 +1,132 @@
+package files
+
+import (
+	"errors"
+	"io"
+	"os"
+	"sync"
+	"syscall"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// Uploads are written in chunks of chunkSize bytes with O_DIRECT where the
+// file system allows it. In a microVM the guest's buffered write path is the
+// slow part of an upload: every 4 KiB page is copied into the page cache,
+// allocated by ext4 and later written back, and a 100 MiB file passes the
+// guest's dirty limit, so the writer waits for writeback anyway. Under TCG
+// that ran at 50–80 MB/s, while O_DIRECT writes of 1 MiB reach the virtio-blk
+// device at ~220 MB/s without the guest copying the data at all (QEMU reads
+// it from guest memory). Larger chunks also mean fewer syscalls, each of
+// which costs much more under emulation.
+const (
+	chunkSize = 1 << 20
+	// directAlign is the alignment O_DIRECT wants of the buffer's address,
+	// the file offset and the length: a page, which covers every block size
+	// envd meets.
+	directAlign = 4096
+)
+
+// chunks recycles the aligned chunk buffers of finished uploads.
+var chunks = sync.Pool{New: func() any { return alignedChunk() }}
+
+// alignedChunk is a chunkSize buffer whose first byte is directAlign-aligned.
+func alignedChunk() *[]byte {
+	raw := make([]byte, chunkSize+directAlign)
+	skip := (directAlign - int(uintptr(unsafe.Pointer(&raw[0]))%directAlign)) % directAlign
+	b := raw[skip : skip+chunkSize : skip+chunkSize]
+	return &b
+}
+
+// writeUpload copies src into f, a new empty file, and returns the first
+// error of either side; src's errors are returned as they are (callers tell
+// them apart with a readTracker). Every chunk but the last is whole, so the
+// file offset stays aligned for O_DIRECT until the tail, which is written
+// through the page cache.
+func writeUpload(f *os.File, src io.Reader) error {
+	bp := chunks.Get().(*[]byte)
+	defer chunks.Put(bp)
+	w := &chunkWriter{f: f}
+	// tmpfs (the guest's /tmp) and some other file systems refuse O_DIRECT:
+	// they get buffered writes.
+	w.direct = w.setDirect(true) == nil
+	for {
+		n, err := fill(src, *bp)
+		if n > 0 {
+			if werr := w.write((*bp)[:n]); werr != nil {
+				return werr
+			}
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// fill reads from src until p is full or src ends. Unlike io.ReadFull it
+// passes src's own errors on unchanged: a multipart part cut short says
+// io.ErrUnexpectedEOF, which must stay an error, while io.EOF is the end.
+func fill(src io.Reader, p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		k, err := src.Read(p[n:])
+		n += k
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}
+
+// chunkWriter writes chunks to f, with O_DIRECT while direct.
+type chunkWriter struct {
+	f      *os.File
+	direct bool
+}
+
+// write writes p: its whole blocks with O_DIRECT when on, the rest (the
+// file's tail) buffered.
+func (w *chunkWriter) write(p []byte) error {
+	if whole := len(p) &^ (directAlign - 1); w.direct && whole > 0 {
+		_, err := w.f.Write(p[:whole])
+		if !errors.Is(err, syscall.EINVAL) {
+			if err != nil {
+				return err
+			}
+			p = p[whole:]
+		}
+		// EINVAL: the file system wants another alignment after all; it
+		// wrote nothing, and gets the chunk buffered below.
+	}
+	if len(p) == 0 {
+		return nil
+	}
+	if w.direct {
+		if err := w.setDirect(false); err != nil {
+			return err
+		}
+		w.direct = false
+	}
+	_, err := w.f.Write(p)
+	return err
+}
+
+// setDirect turns O_DIRECT on or off for f.
+func (w *chunkWriter) setDirect(on bool) error {
+	fd := int(w.f.Fd())
+	flags, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0)
+	if err != nil {
+		return err
+	}
+	if on {
+		flags |= unix.O_DIRECT
+	} else {
+		flags &^= unix.O_DIRECT
+	}
+	_, err = unix.FcntlInt(uintptr(fd), unix.F_SETFL, flags)
+	return err
+}
