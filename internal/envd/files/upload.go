@@ -65,8 +65,8 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 			err = errorf(http.StatusBadRequest, "Content-Type %q has no boundary", contentType)
 			break
 		}
-		// multipart.Reader parses within its bufio.Reader, 4 KiB unless
-		// given a larger one: a 100 MiB part then took 25,600 reads.
+		// multipart.Reader reads its body 4 KiB at a time: the buffer in
+		// front turns those into large reads of the connection.
 		err = b.addParts(multipart.NewReader(bufio.NewReaderSize(body, multipartBuffer), params["boundary"]), path)
 	default:
 		err = errorf(http.StatusBadRequest, "unsupported Content-Type %q, expected multipart/form-data or application/octet-stream", contentType)
@@ -87,8 +87,8 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 	reply.JSON(w, http.StatusOK, entries)
 }
 
-// multipartBuffer is how much of a multipart body envd reads and scans for
-// the next boundary at a time.
+// multipartBuffer is how much of a multipart body envd reads from the
+// connection at a time.
 const multipartBuffer = 256 << 10
 
 // decodedBody is the request body with its Content-Encoding (gzip) undone.

@@ -5,6 +5,7 @@ import (
 	"io"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"unsafe"
 
@@ -41,30 +42,64 @@ func alignedChunk() *[]byte {
 
 // writeUpload copies src into f, a new empty file, and returns the first
 // error of either side; src's errors are returned as they are (callers tell
-// them apart with a readTracker). Every chunk but the last is whole, so the
-// file offset stays aligned for O_DIRECT until the tail, which is written
-// through the page cache.
+// them apart with a readTracker). Reading and writing overlap: one chunk
+// fills from src while the one before is written (an O_DIRECT write waits
+// for the device, during which the guest's CPU would otherwise idle). Every
+// chunk but the last is whole, so the file offset stays aligned for O_DIRECT
+// until the tail, which is written through the page cache.
 func writeUpload(f *os.File, src io.Reader) error {
-	bp := chunks.Get().(*[]byte)
-	defer chunks.Put(bp)
 	w := &chunkWriter{f: f}
 	// tmpfs (the guest's /tmp) and some other file systems refuse O_DIRECT:
 	// they get buffered writes.
 	w.direct = w.setDirect(true) == nil
-	for {
-		n, err := fill(src, *bp)
-		if n > 0 {
-			if werr := w.write((*bp)[:n]); werr != nil {
-				return werr
+
+	const inFlight = 2
+	free := make(chan *[]byte, inFlight)
+	for range inFlight {
+		free <- chunks.Get().(*[]byte)
+	}
+	defer func() {
+		for range inFlight {
+			chunks.Put(<-free)
+		}
+	}()
+	type chunk struct {
+		buf *[]byte
+		n   int
+	}
+	full := make(chan chunk, inFlight)
+	var failed atomic.Bool // the writer failed: stop reading
+	written := make(chan error, 1)
+	go func() {
+		var err error
+		for c := range full {
+			if err == nil {
+				if err = w.write((*c.buf)[:c.n]); err != nil {
+					failed.Store(true)
+				}
 			}
+			free <- c.buf
 		}
-		if err == io.EOF {
-			return nil
-		}
+		written <- err
+	}()
+
+	var rerr error
+	for !failed.Load() {
+		buf := <-free
+		n, err := fill(src, *buf)
+		full <- chunk{buf, n}
 		if err != nil {
-			return err
+			if err != io.EOF {
+				rerr = err
+			}
+			break
 		}
 	}
+	close(full)
+	if err := <-written; err != nil {
+		return err
+	}
+	return rerr
 }
 
 // fill reads from src until p is full or src ends. Unlike io.ReadFull it
