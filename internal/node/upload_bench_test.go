@@ -8,6 +8,7 @@ package node_test
 //	envd/octet    POST /files, application/octet-stream, straight to envd at the slot address
 //	envd/multipart  the same body as one multipart/form-data part (the SDK's ArrayBuffer/Blob form)
 //	proxy/octet   the octet-stream POST through warren's proxy on loopback, as the SDK sends it
+//	proxy/octet-chunked  the same without a length (chunked), as the SDK sends a ReadableStream
 //
 // Each reports MiB/s; run a few iterations:
 //
@@ -66,9 +67,15 @@ func BenchmarkUpload(b *testing.B) {
 		reportMiBps(b, took)
 	})
 
-	post := func(b *testing.B, base, contentType string, body []byte, header http.Header) {
+	// post sends body with its length, or chunked (as the SDK sends a
+	// ReadableStream) when chunked.
+	post := func(b *testing.B, base, contentType string, body []byte, header http.Header, chunked bool) {
 		b.Helper()
-		req, err := http.NewRequest(http.MethodPost, base+"/files?path="+target, bytes.NewReader(body))
+		var r io.Reader = bytes.NewReader(body)
+		if chunked {
+			r = struct{ io.Reader }{r} // hides the length
+		}
+		req, err := http.NewRequest(http.MethodPost, base+"/files?path="+target, r)
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -96,7 +103,7 @@ func BenchmarkUpload(b *testing.B) {
 
 	b.Run("envd/octet", func(b *testing.B) {
 		for b.Loop() {
-			post(b, envd, "application/octet-stream", payload, nil)
+			post(b, envd, "application/octet-stream", payload, nil, false)
 		}
 		reportMiBps(b, b.Elapsed())
 		check(b)
@@ -109,26 +116,29 @@ func BenchmarkUpload(b *testing.B) {
 		part.Write(payload)
 		mw.Close()
 		for b.Loop() {
-			post(b, envd, mw.FormDataContentType(), form.Bytes(), nil)
+			post(b, envd, mw.FormDataContentType(), form.Bytes(), nil, false)
 		}
 		reportMiBps(b, b.Elapsed())
 		check(b)
 	})
 
-	b.Run("proxy/octet", func(b *testing.B) {
-		p := proxy.New(proxy.Config{Router: fixedRouter{&proxy.Target{SandboxID: info.ID, Host: info.Host, EnvdToken: token}}})
-		srv := httptest.NewServer(p.Wrap(http.NotFoundHandler()))
-		defer func() {
-			srv.Close()
-			p.Close()
-		}()
-		header := http.Header{"E2b-Sandbox-Id": {info.ID}, "E2b-Sandbox-Port": {"49983"}}
-		for b.Loop() {
-			post(b, srv.URL, "application/octet-stream", payload, header)
-		}
-		reportMiBps(b, b.Elapsed())
-		check(b)
-	})
+	p := proxy.New(proxy.Config{Router: fixedRouter{&proxy.Target{SandboxID: info.ID, Host: info.Host, EnvdToken: token}}})
+	srv := httptest.NewServer(p.Wrap(http.NotFoundHandler()))
+	defer func() {
+		srv.Close()
+		p.Close()
+	}()
+	routed := http.Header{"E2b-Sandbox-Id": {info.ID}, "E2b-Sandbox-Port": {"49983"}}
+	for _, chunked := range []bool{false, true} {
+		name := map[bool]string{false: "proxy/octet", true: "proxy/octet-chunked"}[chunked]
+		b.Run(name, func(b *testing.B) {
+			for b.Loop() {
+				post(b, srv.URL, "application/octet-stream", payload, routed, chunked)
+			}
+			reportMiBps(b, b.Elapsed())
+			check(b)
+		})
+	}
 }
 
 // guestNetInfo prints what decides the guest's receive path: eth0's MTU and
