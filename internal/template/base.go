@@ -130,6 +130,9 @@ type BaseInputs struct {
 	Accel     microvm.Accel `json:"accel"`
 	CPUs      int           `json:"cpus"`
 	MemoryMiB int           `json:"memoryMiB"`
+	// GuestASLR is the runtime's (microvm.Config.GuestASLR): the snapshot's
+	// kernel keeps it.
+	GuestASLR bool `json:"guestASLR"`
 }
 
 // BuildID hashes the inputs: 16 hex digits.
@@ -214,7 +217,7 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		Recipe: baseRecipe, EnvdSHA256: envdSHA,
 		Kernel: kernel.Package + " " + kernel.Version,
 		Rootfs: img.Manifest,
-		QEMU:   opts.Runtime.Version(), Accel: opts.Runtime.Accel(),
+		QEMU:   opts.Runtime.Version(), Accel: opts.Runtime.Accel(), GuestASLR: opts.Runtime.GuestASLR(),
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
 	}
 	id := in.BuildID()

@@ -119,6 +119,9 @@ type Machine struct {
 	Network    guestinit.Network
 	Hostname   string
 	InitSecret string
+	// NoASLR turns off the guest's address space randomization (the
+	// kernel's norandmaps; see Config.GuestASLR).
+	NoASLR bool
 	// Append, when set, is the whole kernel command line instead of one built
 	// from the fields above: a restore repeats its snapshot's.
 	Append string
@@ -219,6 +222,9 @@ func (m Machine) cmdline() string {
 	if m.Accel == TCG {
 		// Without these the kernel may hang calibrating the TSC under TCG.
 		args = append(args, "tsc_early_khz="+strconv.Itoa(m.TSCkHz), "tsc=reliable")
+	}
+	if m.NoASLR {
+		args = append(args, "norandmaps")
 	}
 	args = append(args, guestinit.EnvAddr+"="+m.Network.Addr.String())
 	if m.Network.Gateway.IsValid() {
