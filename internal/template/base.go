@@ -60,7 +60,7 @@ const (
 
 // baseRecipe versions the steps of EnsureBase: bump it when they change what
 // the artifact holds, so cached builds are redone.
-const baseRecipe = 1
+const baseRecipe = 2 // 2: the guest CPU has ARAT under TCG (a tickless idle)
 
 // E2B's base template sizes: 2 vCPUs, 512 MiB. A snapshot fixes them for
 // every sandbox restored from it.
