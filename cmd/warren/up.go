@@ -49,6 +49,7 @@ Flags (each also read from the environment variable shown):
 	tlsCert := e.String("tls-cert", "WARREN_TLS_CERT", "", "PEM certificate chain for --tls files")
 	tlsKey := e.String("tls-key", "WARREN_TLS_KEY", "", "PEM private key for --tls files")
 	accel := e.String("vm-accel", "WARREN_VM_ACCEL", "auto", "microVM acceleration: auto (KVM where the CPU has vmx/svm and /dev/kvm works, else TCG), kvm, tcg")
+	aslr := e.String("guest-aslr", "WARREN_GUEST_ASLR", "auto", "address space randomization in sandboxes: auto (on under KVM, off under TCG, where it makes every command start 3-5x slower), on, off; templates keep what they were built with")
 	envd := e.String("envd", "WARREN_ENVD", defaultEnvd(), "the static envd binary put into every sandbox")
 	slotRange := e.String("slot-range", "WARREN_SLOT_RANGE", netns.DefaultRange.String(), "IPv4 range for sandbox network slots (one /30 each); must not overlap networks the host reaches")
 	maxSandboxes := e.Int("max-sandboxes", "WARREN_MAX_SANDBOXES", 100, "running sandboxes of the default team at once (0 = no limit)")
@@ -73,7 +74,7 @@ Flags (each also read from the environment variable shown):
 	}
 	cfg = server.Config{
 		Listen: *listen, PublicURL: *publicURL, DataDir: *dataDir, DatabaseURL: *dbURL, Domain: *domain,
-		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, Envd: *envd, SlotRange: prefix,
+		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, GuestASLR: *aslr, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,

@@ -197,7 +197,7 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	defer loop.Close()
 	cfg := sdkConfig{
 		Warmup: o.Warmup, TTI: o.TTI, Burst: o.Burst, RTT: o.RTT, Density: o.Density, Pause: o.Pause,
-		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL, RefillMs: 3000,
+		LargeFiles: o.LargeFiles, LoopbackURL: loop.URL, RefillMs: 3000, WarmPool: defaultWarmPool,
 	}
 	cfgJSON, _ := jsonString(cfg)
 	env := []string{
@@ -216,6 +216,16 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 			var err error
 			d.MemAvailableBeforeMiB, err = memAvailableMiB()
 			return map[string]bool{"ok": true}, err
+		case "warm-pool":
+			// Pool misses are measured with the pool emptied, hits with it
+			// full again: the answer waits until it is.
+			if ev.Size == nil || *ev.Size < 0 {
+				return nil, errors.New("warm-pool: the script sent no size")
+			}
+			if err := resizePool(ctx, srv.pool, *ev.Size, say); err != nil {
+				return nil, err
+			}
+			return map[string]bool{"ok": true}, nil
 		case "density-ready":
 			d.Started = ev.Started
 			say("density: %d sandboxes up; idling %s", ev.Started, o.Idle)
@@ -386,6 +396,7 @@ type benchServer struct {
 	done     chan error
 	logFile  *os.File
 	stopped  sync.Once
+	pool     *server.BasePool // set before warren prints "ready"
 }
 
 // startServer resets the store, starts server.Run on a free loopback port
@@ -417,13 +428,14 @@ func startServer(ctx context.Context, o Options, progress io.Writer) (*benchServ
 		MaxSandboxes: 0, MaxLifetime: 24 * time.Hour, NodeMaxSandboxes: max(o.Density, o.Burst) + 2,
 		BootstrapAPIKey: key,
 		// The warm pool as `warren up` has it by default.
-		WarmPool: 2,
+		WarmPool: defaultWarmPool,
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	s := &benchServer{
 		url: "http://" + cfg.Listen, key: key, vmRoot: filepath.Join(o.DataDir, "vms"),
 		cancel: cancel, done: make(chan error, 1), logFile: logFile,
 	}
+	cfg.OnBasePool = func(p *server.BasePool) { s.pool = p }
 	ready := make(chan struct{})
 	var once sync.Once
 	out := &lineWriter{fn: func(line string) {
@@ -462,6 +474,32 @@ func (s *benchServer) stop(say func(string, ...any)) {
 		}
 		s.logFile.Close()
 	})
+}
+
+// defaultWarmPool is `warren up`'s --warm-pool default, which the bench
+// runs with.
+const defaultWarmPool = 2
+
+// resizePool sets the base warm pool's size and waits until that many VMs
+// are ready.
+func resizePool(ctx context.Context, pool *server.BasePool, size int, say func(string, ...any)) error {
+	if err := pool.Resize(size); err != nil {
+		return err
+	}
+	say("warm pool: size %d; waiting until it is full", size)
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Minute)
+	defer cancel()
+	for {
+		if ready, _ := pool.Ready(); ready == size {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			ready, _ := pool.Ready()
+			return fmt.Errorf("warm pool: %d of %d VMs ready after 3 min", ready, size)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 // frozenMsPerSec is the CPU below which a warm VM counts as frozen: an idle

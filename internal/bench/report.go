@@ -42,7 +42,7 @@ func (r *Results) Checks() []Check {
 		missFloor := floor.P50 + echo.P50
 		missTarget := missFactor*floor.P50 + echo.P50
 		out = append(out, Check{
-			Metric: "TTI p50 on a pool miss (serial; `allowInternetAccess: false`, which the pool does not serve)", Measured: ms(serial.P50),
+			Metric: "TTI p50 on a pool miss (serial, the warm pool emptied)", Measured: ms(serial.P50),
 			Floor:  fmt.Sprintf("%s (restore %s + echo %s)", ms(missFloor), ms(floor.P50), ms(echo.P50)),
 			Ratio:  ratio(serial.P50, missFloor),
 			Target: fmt.Sprintf("≤ %s (%.1f × restore + echo)", ms(missTarget), missFactor),
@@ -192,9 +192,9 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 	p("## Time to interactive")
 	p("")
 	p("`Sandbox.create()` → first `commands.run('echo ready')` done: %d one after the other after %d warm-up as pool misses "+
-		"(`allowInternetAccess: false`: warren's warm pool of 2 base VMs holds slots with internet access, so these always restore "+
-		"the snapshot), %d more 3 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
-		"(each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
+		"(the bench empties warren's warm pool for them, so each restores the snapshot), %d more with the warm pool of 2 base VMs, "+
+		"3 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
+		"with the pool full (each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
 		"first `/health` 204, no warren in between), half of them before warren started and half after it stopped, each half after "+
 		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst)
 	p("")
@@ -272,7 +272,7 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 	p("## Density")
 	p("")
 	if d := r.Density; d != nil {
-		p("`Sandbox.create({allowInternetAccess: false})` of idle `base` sandboxes (restored, not claimed from the warm pool, whose frozen VMs are left out) one after the other, up to %d (the bench lifts the node's memory-derived "+
+		p("`Sandbox.create()` of idle `base` sandboxes (restored: the bench empties the warm pool first) one after the other, up to %d (the bench lifts the node's memory-derived "+
 			"cap to that count); after %s idle, each QEMU's PSS and RSS (`/proc/<pid>/smaps_rollup`) and CPU, and the host's MemAvailable.",
 			d.Asked, d.Idle)
 		p("")

@@ -54,7 +54,7 @@ func TestChecks(t *testing.T) {
 		metric, measured, result string
 	}{
 		// 1.3 × restore p50 210 + echo p50 11 = 284 < serial p50 310.
-		{"TTI p50 on a pool miss (serial; `allowInternetAccess: false`, which the pool does not serve)", "310", "MISS"},
+		{"TTI p50 on a pool miss (serial, the warm pool emptied)", "310", "MISS"},
 		// 1.2 × echo p50 11 + 20 = 33.2 ≥ hit p50 32.
 		{"TTI p50 on a pool hit (3 of 4 creates claimed a warm VM)", "32.0", "PASS"},
 		// 3 × 310 = 930 ≥ burst p90 800.

@@ -90,14 +90,16 @@ type sdkConfig struct {
 	LoopbackURL string `json:"loopbackURL"`
 	// RefillMs is the pause before each pool-hit create.
 	RefillMs int `json:"refillMs"`
+	// WarmPool is the warm pool's size for pool hits and the burst; the
+	// script empties the pool (event warm-pool) for misses and density.
+	WarmPool int `json:"warmPool"`
 }
 
 // SDKResults is what the script measured, in milliseconds.
 type SDKResults struct {
 	TTI struct {
-		// Serial are pool misses (creates without internet access, which
-		// the warm pool does not serve); Hit the creates that claimed a
-		// warm VM, HitMissed those that found the pool empty.
+		// Serial are pool misses (the warm pool emptied); Hit the creates
+		// that claimed a warm VM, HitMissed those that found the pool empty.
 		Serial, SerialCreate []float64
 		Hit, HitCreate       []float64
 		HitMissed            []float64
@@ -143,6 +145,7 @@ type PauseResult struct {
 type sdkEvent struct {
 	Event   string      `json:"event"`
 	Started int         `json:"started"`
+	Size    *int        `json:"size"` // warm-pool
 	Result  *SDKResults `json:"result"`
 }
 

@@ -230,6 +230,25 @@ func (p *Pool) freeIndex() int {
 	return -1
 }
 
+// SetPolicy changes what the guest of s, a slot in use, may reach (a warm
+// VM's slot takes the policy of the create that claims it). Taking internet
+// access away also drops the connections the guest had opened.
+func (p *Pool) SetPolicy(s *Slot, policy Policy) error {
+	p.mu.Lock()
+	inUse := p.slots[s.Index] == s && s.inUse && !p.closed
+	p.mu.Unlock()
+	if !inUse {
+		return fmt.Errorf("netns: set the policy of %s: slot is not in use by this pool", s.Name)
+	}
+	if policy.AllowInternet {
+		if err := applyPolicy(s.ns, policy); err != nil {
+			return fmt.Errorf("netns %s: %w", s.Name, err)
+		}
+		return nil
+	}
+	return s.reset()
+}
+
 // Release resets s for the next sandbox and makes it idle. The sandbox's processes in the namespace must have
 // exited. If the reset fails the slot is destroyed instead, so a half-reset slot is never handed out.
 func (p *Pool) Release(s *Slot) error {

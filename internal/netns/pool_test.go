@@ -133,6 +133,54 @@ func TestEgressPolicy(t *testing.T) {
 	}
 }
 
+func TestSetPolicyOnASlotInUse(t *testing.T) {
+	p := newTestPool(t, Config{})
+	newFakeInternet(t, p.cfg.Range)
+	s := acquire(t, p, Policy{}) // as a warm pool's VM waits
+	t.Cleanup(func() { p.Release(s) })
+	guest := attachGuestStandIn(t, s)
+	serveGreeting(t, listenIn(t, guest.ns, hostPort(s.GuestIP, guestPort)), "guest")
+	if _, err := httpGet(guest.ns, "http://"+internetServer.Addr().String()); err == nil {
+		t.Fatal("guest reached the internet before SetPolicy allowed it")
+	}
+
+	if err := p.SetPolicy(s, Policy{AllowInternet: true}); err != nil {
+		t.Fatalf("SetPolicy(allow): %v", err)
+	}
+	if body, err := httpGet(guest.ns, "http://"+internetServer.Addr().String()); err != nil || body != "internet" {
+		t.Errorf("guest → internet after SetPolicy(allow): got %q, %v", body, err)
+	}
+	conn, err := dialIn(guest.ns, hostPort(internetServer.Addr(), 7))
+	if err != nil {
+		t.Fatalf("guest → internet echo: %v", err)
+	}
+	defer conn.Close()
+	if err := echo(conn, "allowed"); err != nil {
+		t.Fatalf("echo while allowed: %v", err)
+	}
+
+	if err := p.SetPolicy(s, Policy{}); err != nil {
+		t.Fatalf("SetPolicy(deny): %v", err)
+	}
+	if _, err := httpGet(guest.ns, "http://"+internetServer.Addr().String()); err == nil {
+		t.Error("guest reached the internet after SetPolicy took it away")
+	}
+	if err := echo(conn, "denied"); err == nil {
+		t.Error("a connection opened while allowed still passes after SetPolicy took internet access away")
+	}
+	if got, err := readGreeting(vnetns.None(), hostPort(s.SlotIP, guestPort)); err != nil || got != "guest" {
+		t.Errorf("host → guest after SetPolicy(deny): got %q, %v; the node must always reach the guest", got, err)
+	}
+
+	idle := acquire(t, p, Policy{})
+	if err := p.Release(idle); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.SetPolicy(idle, Policy{AllowInternet: true}); err == nil {
+		t.Error("SetPolicy on an idle slot succeeded; want an error")
+	}
+}
+
 func TestReleaseThenAcquireReusesAndResetsSlot(t *testing.T) {
 	p := newTestPool(t, Config{})
 	newFakeInternet(t, p.cfg.Range)
@@ -223,11 +271,12 @@ func TestReclaimRemovesCrashLeftovers(t *testing.T) {
 	for _, s := range crashed.slots {
 		s.ns.Close()
 	}
-	crashed.lock.Close()
-
+	// Counted while the lock is still held: a pool of another process
+	// waiting for it (a VM test elsewhere) reclaims as soon as it goes.
 	if n := len(leftovers(t)); n != 7 { // 3 namespaces, 3 veths, 1 table
 		t.Fatalf("before Reclaim: %d leftovers %v; want 7", n, leftovers(t))
 	}
+	crashed.lock.Close()
 	if err := Reclaim(ctx); err != nil {
 		t.Fatalf("Reclaim: %v", err)
 	}

@@ -335,13 +335,17 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	} else if a, err = m.artifact(spec.Artifact); err != nil {
 		return err
 	}
-	// A warm pool's VM has a slot with internet access: only such creates
-	// claim one.
+	// A warm pool's VM waits without internet access; the claim gives its
+	// slot the create's policy, then lets it run.
 	var warm *warmVM
-	if paused == nil && spec.AllowInternet {
+	if paused == nil {
 		if warm = m.takeWarm(a); warm != nil {
-			if terr := m.rt.Thaw(ctx, warm.vm); terr != nil {
-				m.log.Warn("warm pool: thaw failed; restoring instead", "vm", warm.vm.ID(), "err", terr)
+			err := m.slots.SetPolicy(warm.slot, netns.Policy{AllowInternet: spec.AllowInternet})
+			if err == nil {
+				err = m.rt.Thaw(ctx, warm.vm)
+			}
+			if err != nil {
+				m.log.Warn("warm pool: claim failed; restoring instead", "vm", warm.vm.ID(), "err", err)
 				m.discardWarm(context.WithoutCancel(ctx), warm)
 				warm = nil
 			}

@@ -24,13 +24,15 @@ import (
 )
 
 // A warm pool keeps a few sandboxes of a template restored ahead of the
-// creates that will claim them: each in a network slot of its own (with
-// internet access, the default of a create), its envd answering, its
-// /init and command paths run once, then frozen (its vCPUs stopped: no CPU
-// while it waits). A create that claims one thaws it and sends the
-// sandbox's /init (clock, entropy, token, env): the restore, the slot and
-// the first run of envd's code under TCG are off its path. A background
-// loop refills pools one VM at a time.
+// creates that will claim them: each in a network slot of its own (without
+// internet access until claimed), its envd answering, its /init and command
+// paths run once, then frozen (its vCPUs stopped: no CPU while it waits). A
+// create that claims one gives the slot the create's egress policy, thaws
+// the VM and sends the sandbox's /init (clock, entropy, token, env): the
+// restore, the slot and the first run of envd's code under TCG are off its
+// path. A background loop refills pools one VM at a time, at the host's
+// lowest CPU priority (runtime.Spec.Background): a refill never slows the
+// creates that emptied the pool.
 //
 // Warm VMs count against MaxSandboxes only in that the pool is not
 // refilled past it: a create always finds room that a warm VM holds.
@@ -44,17 +46,27 @@ type warmVM struct {
 }
 
 // SetWarmPool keeps size sandboxes of the template build in artifact (a
-// SandboxSpec.Artifact) restored and ready. A smaller size stops refills;
-// VMs already warm stay until claimed or the node closes.
+// SandboxSpec.Artifact) restored and ready. A smaller size kills the warm
+// VMs past it before it returns (0 empties the pool).
 func (m *Manager) SetWarmPool(artifact string, size int) error {
 	a, err := m.artifact(artifact)
 	if err != nil {
 		return fmt.Errorf("node: warm pool: %w", err)
 	}
+	var surplus []*warmVM
+	defer func() {
+		for _, w := range surplus {
+			m.discardWarm(context.Background(), w)
+		}
+	}()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
 		return errors.New("node: warm pool: the node is closed")
+	}
+	if pool := m.pools[a.Dir]; len(pool) > size {
+		surplus = pool[max(size, 0):]
+		m.pools[a.Dir] = pool[:max(size, 0)]
 	}
 	if m.poolSize == nil {
 		m.poolSize = map[string]int{}
@@ -167,7 +179,7 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 		case <-ctx.Done():
 		}
 	}()
-	slot, err := m.slots.Acquire(ctx, netns.Policy{AllowInternet: true})
+	slot, err := m.slots.Acquire(ctx, netns.Policy{})
 	if err != nil {
 		return err
 	}
@@ -183,7 +195,9 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	}()
 	suffix := make([]byte, 6)
 	rand.Read(suffix)
-	if w.vm, err = m.rt.Start(ctx, a.Spec("warm-"+hex.EncodeToString(suffix), slot)); err != nil {
+	spec := a.Spec("warm-"+hex.EncodeToString(suffix), slot)
+	spec.Background = true // the refill must not slow the creates that emptied the pool
+	if w.vm, err = m.rt.Start(ctx, spec); err != nil {
 		return err
 	}
 	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))

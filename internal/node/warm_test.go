@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -44,6 +45,7 @@ func cpuTicks(t *testing.T, pid int) int {
 
 func TestWarmPool(t *testing.T) {
 	m := newManager(t, node.Config{MaxSandboxes: 4})
+	internet := newFakeInternet(t)
 	if err := m.SetWarmPool(base.Dir, 1); err != nil {
 		t.Fatal(err)
 	}
@@ -60,6 +62,11 @@ func TestWarmPool(t *testing.T) {
 	t.Logf("the frozen warm VM's QEMU used %d ticks (10 ms each) in 3 s", d)
 	if d > 15 {
 		t.Errorf("the frozen warm VM's QEMU %d used %d ticks (10 ms each) in 3 s", pid, d)
+	}
+
+	// It was prepared at the lowest CPU priority, every thread of it.
+	if nices := threadNices(t, pid); len(nices) == 0 || slices.Max(nices) != 19 || slices.Min(nices) != 19 {
+		t.Errorf("the warm VM's QEMU threads have nice values %v, want 19 each", nices)
 	}
 
 	s := spec("warm1")
@@ -79,6 +86,10 @@ func TestWarmPool(t *testing.T) {
 		t.Errorf("the create did not claim the warm VM: %v", logs)
 	}
 	t.Logf("create from the warm pool: %s", took.Round(time.Millisecond))
+	// The claimed VM runs at the node's priority, threads started since too.
+	if nices := threadNices(t, pid); len(nices) == 0 || slices.Max(nices) != 0 || slices.Min(nices) != 0 {
+		t.Errorf("the claimed VM's QEMU threads have nice values %v, want the node's (0) each", nices)
+	}
 	// The claimed sandbox is the create's own: its token, env and clock.
 	if got := strings.TrimSpace(run(t, info, "echo $SANDBOX_NAME; whoami")); got != "warm1\nuser" {
 		t.Errorf("sandbox printed %q", got)
@@ -90,32 +101,84 @@ func TestWarmPool(t *testing.T) {
 	if _, err := execIn(t.Context(), info, "wrong-token", "true"); err == nil {
 		t.Error("a wrong token ran a command in the claimed sandbox")
 	}
-	// The pool refills; a create without internet access does not claim.
+	// The pool refills; a create without internet access claims too, and its
+	// slot gets that policy: the fake internet answers warm1, not warm2.
 	waitWarm(t, m, 1)
 	s2 := spec("warm2")
 	s2.AllowInternet = false
 	info2 := create(t, m, s2)
 	logs2, _ := m.Logs(t.Context(), info2.ID)
+	claimed = false
 	for _, l := range logs2 {
-		if strings.Contains(l.Message, "claimed a warm VM") {
-			t.Errorf("a create without internet access claimed a warm VM (its slot allows internet)")
-		}
+		claimed = claimed || strings.Contains(l.Message, "claimed a warm VM")
 	}
-	if ready, _ := m.WarmPool(base.Dir); ready != 1 {
-		t.Errorf("pool has %d ready, want 1", ready)
+	if !claimed {
+		t.Errorf("a create without internet access did not claim the warm VM: %v", logs2)
+	}
+	curl := `out=$(curl -sS --max-time 2 ` + internet + ` 2>&1); echo "$? $out"`
+	if got := strings.TrimSpace(run(t, info, curl)); got != "0 internet" {
+		t.Errorf("warm1 (AllowInternet) → fake internet: %q, want exit 0 and %q", got, "internet")
+	}
+	if got := strings.TrimSpace(run(t, info2, curl)); got == "" || strings.HasPrefix(got, "0 ") {
+		t.Errorf("warm2 (no internet access) → fake internet: %q, want curl to fail", got)
 	}
 	for _, id := range []string{info.ID, info2.ID} {
 		if err := m.Kill(context.Background(), id); err != nil {
 			t.Error(err)
 		}
 	}
+
+	// Shrinking the pool kills the warm VMs past its new size.
+	waitWarm(t, m, 1)
+	if err := m.SetWarmPool(base.Dir, 0); err != nil {
+		t.Fatal(err)
+	}
+	if ready, size := m.WarmPool(base.Dir); ready != 0 || size != 0 {
+		t.Errorf("after SetWarmPool(0) the pool has %d of %d ready, want 0 of 0", ready, size)
+	}
+	if n := len(warmQEMUs()); n != 0 {
+		t.Errorf("%d warm VMs' QEMUs still run after SetWarmPool(0)", n)
+	}
 	// Close (the cleanup) kills the warm VM and frees its slot: checkNoSlots.
 }
 
-// warmQEMU is the pid of the one warm VM's QEMU (its state directory is
-// warm-<hex>).
+// threadNices lists the nice value of each thread of process pid.
+func threadNices(t *testing.T, pid int) []int {
+	t.Helper()
+	tasks, err := os.ReadDir("/proc/" + strconv.Itoa(pid) + "/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nices []int
+	for _, task := range tasks {
+		b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/task/" + task.Name() + "/stat")
+		if err != nil {
+			continue // the thread ended
+		}
+		_, rest, _ := strings.Cut(string(b), ") ")
+		nice, err := strconv.Atoi(strings.Fields(rest)[16])
+		if err != nil {
+			t.Fatalf("thread %s of %d: nice %v", task.Name(), pid, err)
+		}
+		nices = append(nices, nice)
+	}
+	return nices
+}
+
+// warmQEMU is the pid of the one warm VM's QEMU.
 func warmQEMU(t *testing.T) int {
 	t.Helper()
+	found := warmQEMUs()
+	if len(found) != 1 {
+		t.Fatalf("found %d warm VMs' QEMUs, want 1", len(found))
+	}
+	return found[0]
+}
+
+// warmQEMUs lists the pids of the QEMUs of unclaimed warm VMs (their state
+// directories are warm-<hex>; a claimed one's process is the sandbox's and
+// is stopped for good only by its kill, so the test kills those first).
+func warmQEMUs() []int {
 	procs, _ := os.ReadDir("/proc")
 	var found []int
 	for _, p := range procs {
@@ -128,8 +191,5 @@ func warmQEMU(t *testing.T) int {
 			found = append(found, pid)
 		}
 	}
-	if len(found) != 1 {
-		t.Fatalf("found %d warm VMs' QEMUs, want 1", len(found))
-	}
-	return found[0]
+	return found
 }

@@ -71,7 +71,8 @@ type Runtime interface {
 	// on the saved disk. Kill the VM next.
 	SaveDisk(ctx context.Context, vm VM, dir string) error
 	// Freeze stops the VM's vCPUs: it uses no CPU and keeps its memory and
-	// devices as they are (a warm pool's idle VMs). Thaw lets them run again.
+	// devices as they are (a warm pool's idle VMs). Thaw lets them run again
+	// (and ends a Spec.Background VM's low priority).
 	Freeze(ctx context.Context, vm VM) error
 	Thaw(ctx context.Context, vm VM) error
 	// Kill stops the VM (gracefully for a moment, then by force), waits for
@@ -123,6 +124,10 @@ type Spec struct {
 	// InitSecret is envd's init secret (envd.InitSecretHeader) at a cold boot;
 	// a restore keeps the snapshot's.
 	InitSecret string
+	// Background runs the VM at the host's lowest CPU priority until its
+	// first Thaw, which gives it the node's: a VM prepared ahead (a warm
+	// pool's) takes only CPU that nothing else wants.
+	Background bool
 }
 
 // VM is a handle on a running (or, after Adopt, possibly dead) VM.

@@ -26,6 +26,7 @@ type Config struct {
 	TLS              string
 	TLSCert, TLSKey  string
 	VMAccel          string // auto, kvm or tcg
+	GuestASLR        string // auto, on or off (microvm.Config.GuestASLR)
 	Envd             string // the static envd binary for guests
 	SlotRange        netip.Prefix
 	MaxSandboxes     int           // per team, running at once
@@ -46,7 +47,25 @@ type Config struct {
 	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
 	// control.DefaultMaxUploadBytes).
 	MaxUploadBytes int64
+
+	// OnBasePool, when set, is called once the base template is ready with
+	// a handle on its warm pool: a program running warren in its own
+	// process (the bench) resizes the pool while warren runs. Not a flag.
+	OnBasePool func(*BasePool)
 }
+
+// BasePool is the running warren's warm pool of base sandboxes.
+type BasePool struct {
+	resize func(size int) error
+	ready  func() (ready, size int)
+}
+
+// Resize sets how many base sandboxes are kept warm; a smaller size kills
+// the warm VMs past it before it returns.
+func (p *BasePool) Resize(size int) error { return p.resize(size) }
+
+// Ready reports how many warm VMs wait, and the pool's size.
+func (p *BasePool) Ready() (ready, size int) { return p.ready() }
 
 // TLS modes.
 var tlsModes = []string{"off", "self-signed", "files"}
@@ -69,6 +88,11 @@ func (c *Config) Validate() error {
 	case "auto", "kvm", "tcg":
 	default:
 		return fmt.Errorf("--vm-accel %q is not one of auto, kvm, tcg", c.VMAccel)
+	}
+	switch c.GuestASLR {
+	case "", "auto", "on", "off":
+	default:
+		return fmt.Errorf("--guest-aslr %q is not one of auto, on, off", c.GuestASLR)
 	}
 	if c.MaxLifetime <= 0 {
 		return fmt.Errorf("--max-sandbox-lifetime must be positive, got %s", c.MaxLifetime)

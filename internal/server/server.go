@@ -64,7 +64,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		}
 	}
 
-	rt, err := microvm.New(microvm.Config{Root: filepath.Join(cfg.DataDir, "vms"), Accel: cfg.VMAccel, Log: log})
+	rt, err := microvm.New(microvm.Config{Root: filepath.Join(cfg.DataDir, "vms"), Accel: cfg.VMAccel, GuestASLR: cfg.GuestASLR, Log: log})
 	if err != nil {
 		return err
 	}
@@ -84,6 +84,12 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		if err := mgr.SetWarmPool(base.Dir, cfg.WarmPool); err != nil {
 			return err
 		}
+	}
+	if cfg.OnBasePool != nil {
+		cfg.OnBasePool(&BasePool{
+			resize: func(size int) error { return mgr.SetWarmPool(base.Dir, size) },
+			ready:  func() (int, int) { return mgr.WarmPool(base.Dir) },
+		})
 	}
 	builder, err := template.NewBuilder(template.BuilderConfig{
 		DataDir: cfg.DataDir, Runtime: rt, Slots: mgr.Slots(), Base: base, DNS: cfg.SandboxDNS,

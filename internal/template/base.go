@@ -60,7 +60,7 @@ const (
 
 // baseRecipe versions the steps of EnsureBase: bump it when they change what
 // the artifact holds, so cached builds are redone.
-const baseRecipe = 1
+const baseRecipe = 2 // 2: the guest CPU has ARAT under TCG (a tickless idle)
 
 // E2B's base template sizes: 2 vCPUs, 512 MiB. A snapshot fixes them for
 // every sandbox restored from it.
@@ -130,6 +130,9 @@ type BaseInputs struct {
 	Accel     microvm.Accel `json:"accel"`
 	CPUs      int           `json:"cpus"`
 	MemoryMiB int           `json:"memoryMiB"`
+	// GuestASLR is the runtime's (microvm.Config.GuestASLR): the snapshot's
+	// kernel keeps it.
+	GuestASLR bool `json:"guestASLR"`
 }
 
 // BuildID hashes the inputs: 16 hex digits.
@@ -214,7 +217,7 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		Recipe: baseRecipe, EnvdSHA256: envdSHA,
 		Kernel: kernel.Package + " " + kernel.Version,
 		Rootfs: img.Manifest,
-		QEMU:   opts.Runtime.Version(), Accel: opts.Runtime.Accel(),
+		QEMU:   opts.Runtime.Version(), Accel: opts.Runtime.Accel(), GuestASLR: opts.Runtime.GuestASLR(),
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
 	}
 	id := in.BuildID()

@@ -75,17 +75,18 @@ const result = {}
 
 // 1. Time to interactive: serial after a warm-up, then a concurrent burst.
 {
-  log(`TTI: ${cfg.warmup} warm-up, ${cfg.tti} serial`)
+  // Pool misses: the bench empties warren's warm pool, so every create
+  // restores the snapshot.
+  await ask('warm-pool', { size: 0 })
+  log(`TTI: ${cfg.warmup} warm-up, ${cfg.tti} serial with the warm pool emptied`)
   for (let i = 0; i < cfg.warmup; i++) {
     const { sbx } = await interactive()
     await sbx.kill()
   }
-  // Pool misses: warren's warm pool holds VMs whose slot allows internet
-  // access, so a create without it always restores the snapshot.
   const serial = [], serialCreate = []
   let keep
   for (let i = 0; i < cfg.tti; i++) {
-    const { sbx, create, tti } = await interactive(now(), { ...opts, allowInternetAccess: false })
+    const { sbx, create, tti } = await interactive()
     serial.push(tti)
     serialCreate.push(create)
     if (i === cfg.tti - 1) keep = sbx
@@ -93,7 +94,8 @@ const result = {}
   }
   // Pool hits: a pause before each create lets the pool refill; the
   // sandbox's log says whether the create claimed a warm VM.
-  log(`TTI: ${cfg.tti} serial with the warm pool (${cfg.refillMs} ms between creates)`)
+  await ask('warm-pool', { size: cfg.warmPool })
+  log(`TTI: ${cfg.tti} serial with the warm pool of ${cfg.warmPool} (${cfg.refillMs} ms between creates)`)
   const hit = [], hitCreate = [], hitMissed = []
   for (let i = 0; i < cfg.tti; i++) {
     await new Promise((r) => setTimeout(r, cfg.refillMs))
@@ -111,7 +113,8 @@ const result = {}
   const echo = await timed(20, () => keep.commands.run('echo ready'))
   await keep.kill()
 
-  log(`TTI: burst of ${cfg.burst}`)
+  await ask('warm-pool', { size: cfg.warmPool })
+  log(`TTI: burst of ${cfg.burst} (the warm pool full: ${cfg.warmPool} VMs)`)
   const t0 = now()
   const settled = await Promise.allSettled(Array.from({ length: cfg.burst }, () => interactive(t0)))
   const ok = settled.filter((s) => s.status === 'fulfilled').map((s) => s.value)
@@ -231,17 +234,18 @@ if (cfg.pause > 0) {
 // 5. Density: idle sandboxes, one after the other, until the count or the
 // first failed create; the bench reads host memory before and after.
 if (cfg.density > 0) {
+  // Restored sandboxes only: the pool is emptied (a claimed warm VM keeps
+  // its warm-* state directory, which the bench would not count).
+  await ask('warm-pool', { size: 0 })
   await ask('density-start')
   log(`density: up to ${cfg.density} idle sandboxes`)
   const started = []
   const createMs = []
   let stop = ''
-  // Without internet access, so none claims a warm VM: the pool keeps its
-  // VMs frozen (the bench leaves them out) and nothing refills meanwhile.
   for (let i = 0; i < cfg.density; i++) {
     const t0 = now()
     try {
-      started.push(await Sandbox.create({ ...opts, allowInternetAccess: false }))
+      started.push(await Sandbox.create(opts))
     } catch (err) {
       stop = `create ${i + 1} failed: ${describe(err)}`
       break

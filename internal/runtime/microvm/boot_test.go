@@ -52,6 +52,11 @@ func TestBootToHealth(t *testing.T) {
 		}
 	})
 
+	// GuestASLR auto: randomization off under TCG (norandmaps), on under KVM.
+	wantASLR := "2"
+	if rt.Accel() == microvm.TCG {
+		wantASLR = "0"
+	}
 	// What init set up, seen by a process envd starts in the guest.
 	for _, tc := range []struct {
 		name, user, script, want string
@@ -68,6 +73,7 @@ func TestBootToHealth(t *testing.T) {
 		{"eth0 has the slot's guest MAC", "user", `cat /sys/class/net/eth0/address`, sb.slot.GuestMAC.String()},
 		{"runs as user uid 1000", "user", `id -u`, "1000"},
 		{"warren_* and WARREN_* arguments do not leak into processes", "root", `env | grep -ic ^warren_ || true`, "0"},
+		{"address space randomization as GuestASLR auto has it for " + string(rt.Accel()), "user", `cat /proc/sys/kernel/randomize_va_space`, wantASLR},
 		{"the guest has the spec's CPUs and memory", "root", `nproc; awk '/MemTotal/ {print ($2 > 200000 && $2 <= 262144)}' /proc/meminfo`, "1\n1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

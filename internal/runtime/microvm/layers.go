@@ -86,9 +86,23 @@ func (r *Runtime) Freeze(ctx context.Context, rv runtime.VM) error {
 	return r.runState(ctx, rv, "stop")
 }
 
-// Thaw lets a frozen VM's vCPUs run again (QMP cont). The guest's clock
-// stood still meanwhile: the node's /init sets it.
+// Thaw lets a frozen VM's vCPUs run again (QMP cont), at the node's CPU
+// priority when it was started in the background. The guest's clock stood
+// still meanwhile: the node's /init sets it.
 func (r *Runtime) Thaw(ctx context.Context, rv runtime.VM) error {
+	v, err := r.own(rv)
+	if err != nil {
+		return err
+	}
+	v.ops.Lock()
+	if v.background && !v.exited() {
+		if err := setNice(v.rec.Pid, v.nice); err != nil {
+			v.ops.Unlock()
+			return fmt.Errorf("microvm: thaw %s: %w", v.ID(), err)
+		}
+		v.background = false
+	}
+	v.ops.Unlock()
 	return r.runState(ctx, rv, "cont")
 }
 
