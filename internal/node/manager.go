@@ -401,8 +401,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	}
 	restored := time.Now().UTC()
 	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
-	if err := m.waitListening(ctx, addr, vm); err != nil {
-		return withConsole(err, vm)
+	// A warm VM's envd listened before it was frozen.
+	if warm == nil {
+		if err := m.waitListening(ctx, addr, vm); err != nil {
+			return withConsole(err, vm)
+		}
 	}
 	listening := time.Now().UTC()
 	base := "http://" + addr
@@ -431,8 +434,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		{Time: restored, Source: "boot", Message: fmt.Sprintf("%s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
 			what, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
 		{Time: listening, Source: "boot", Message: fmt.Sprintf("envd listened %s after the restore", listening.Sub(restored).Round(time.Millisecond))},
-		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s)",
-			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser))},
+		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s) in %s",
+			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser), sb.info.StartedAt.Sub(listening).Round(time.Millisecond))},
+	}
+	if warm != nil {
+		sb.boot[1].Message = "envd listened (the warm VM's, since before it was frozen)"
 	}
 	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "resumed", paused != nil, "took", time.Since(began).Round(time.Millisecond))
 	return nil

@@ -74,6 +74,9 @@ func TestBootToHealth(t *testing.T) {
 		{"runs as user uid 1000", "user", `id -u`, "1000"},
 		{"warren_* and WARREN_* arguments do not leak into processes", "root", `env | grep -ic ^warren_ || true`, "0"},
 		{"address space randomization as GuestASLR auto has it for " + string(rt.Accel()), "user", `cat /proc/sys/kernel/randomize_va_space`, wantASLR},
+		// One-shot ticks (NO_HZ_IDLE in high-resolution mode, 2) on every
+		// vCPU: an idle guest's tick stops (the TCG CPU has ARAT).
+		{"the tick stops in idle", "root", `awk '/nohz_mode/ {print $3}' /proc/timer_list | sort -u`, "2"},
 		{"the guest has the spec's CPUs and memory", "root", `nproc; awk '/MemTotal/ {print ($2 > 200000 && $2 <= 262144)}' /proc/meminfo`, "1\n1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
