@@ -81,10 +81,11 @@ type Manager struct {
 	watchers  sync.WaitGroup // one per running sandbox: reaps a VM that exits by itself; and the refill loop
 
 	// Warm pools (warm.go), by artifact directory; guarded by mu.
-	poolSize map[string]int
-	pools    map[string][]*warmVM
-	refill   chan struct{} // wakes the refill loop
-	closing  chan struct{} // closed by Close
+	poolSize  map[string]int
+	pools     map[string][]*warmVM
+	lastClaim time.Time     // refills wait until claims have been quiet for refillQuiet
+	refill    chan struct{} // wakes the refill loop
+	closing   chan struct{} // closed by Close
 }
 
 var _ Node = (*Manager)(nil)
