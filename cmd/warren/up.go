@@ -58,6 +58,7 @@ Flags (each also read from the environment variable shown):
 	dns := e.String("sandbox-dns", "WARREN_SANDBOX_DNS", strings.Join(hostDNS(), ","), "comma-separated nameservers for sandboxes' /etc/resolv.conf (default: the host's non-loopback ones)")
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
 	warmPool := e.Int("warm-pool", "WARREN_WARM_POOL", 2, "base sandboxes kept restored and frozen, ready for creates (0: none); each holds a network slot and ~45 MiB")
+	warmPools := e.String("warm-pool-templates", "WARREN_WARM_POOL_TEMPLATES", "", "warm pools of other templates: template=size pairs, comma-separated (e.g. code-interpreter=2); each follows its template's rebuilds")
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
@@ -68,6 +69,10 @@ Flags (each also read from the environment variable shown):
 	if fs.NArg() > 0 {
 		return fmt.Errorf("up takes no arguments, got %q", fs.Args())
 	}
+	pools, err := server.ParseWarmPools(*warmPools)
+	if err != nil {
+		return err
+	}
 	prefix, err := netip.ParsePrefix(*slotRange)
 	if err != nil {
 		return fmt.Errorf("--slot-range %q is not an IPv4 prefix such as 10.200.0.0/16", *slotRange)
@@ -77,7 +82,7 @@ Flags (each also read from the environment variable shown):
 		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, GuestASLR: *aslr, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
-		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
+		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
 	}
 	level := slog.LevelInfo
 	if *verbose {

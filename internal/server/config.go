@@ -44,6 +44,9 @@ type Config struct {
 	// WarmPool is how many base sandboxes the node keeps restored and
 	// frozen for creates to claim (0: none).
 	WarmPool int
+	// WarmPools sizes the warm pools of other templates, by the name a
+	// client uses (ParseWarmPools); each follows its template's rebuilds.
+	WarmPools map[string]int
 	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
 	// control.DefaultMaxUploadBytes).
 	MaxUploadBytes int64

@@ -147,6 +147,21 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		defer close(buildsDone)
 		tpl.Run(runCtx)
 	}()
+	if len(cfg.WarmPools) > 0 {
+		pools := &templatePools{
+			sizes: cfg.WarmPools,
+			resolve: func(ctx context.Context, name string) (string, error) {
+				r, err := ctl.ResolveTemplate(ctx, team, name)
+				if err != nil {
+					return "", err
+				}
+				return r.Build.Artifact, nil
+			},
+			set: mgr.SetWarmPool,
+			log: log.With("role", "node"),
+		}
+		go pools.run(runCtx)
+	}
 	if cfg.MetricsListen != "" {
 		mln, err := net.Listen("tcp", cfg.MetricsListen)
 		if err != nil {

@@ -48,11 +48,13 @@ run_debug() {
 run_api() {
 	local port
 	port=$(free_port)
-	start_warren api "127.0.0.1:$port"
+	# templates/pool.test.mjs builds compat-pooled and claims from its pool.
+	local pools=(--warm-pool-templates compat-pooled=1)
+	start_warren api "127.0.0.1:$port" "${pools[@]}"
 	# api/pause.test.mjs restarts warren: SIGUSR1 to this stage, then it
 	# waits for a new PID in WARREN_COMPAT_PID_FILE.
 	export WARREN_COMPAT_STAGE_PID=$BASHPID WARREN_COMPAT_PID_FILE=$LOG_DIR/warren.pid
-	trap 'restart_warren api-restarted "127.0.0.1:$port"' USR1
+	trap 'restart_warren api-restarted "127.0.0.1:$port" "${pools[@]}"' USR1
 	unset E2B_DEBUG E2B_DOMAIN
 	export E2B_API_URL=http://127.0.0.1:$port E2B_SANDBOX_URL=http://127.0.0.1:$port
 	export E2B_API_KEY=$WARREN_API_KEY
