@@ -1,14 +1,12 @@
 package files
 
 import (
-	"bufio"
 	"compress/gzip"
 	"errors"
 	"fmt"
 	"io"
 	"io/fs"
 	"mime"
-	"mime/multipart"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -65,9 +63,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 			err = errorf(http.StatusBadRequest, "Content-Type %q has no boundary", contentType)
 			break
 		}
-		// multipart.Reader reads its body 4 KiB at a time: the buffer in
-		// front turns those into large reads of the connection.
-		err = b.addParts(multipart.NewReader(bufio.NewReaderSize(body, multipartBuffer), params["boundary"]), path)
+		err = b.addParts(newFormReader(body, params["boundary"]), path)
 	default:
 		err = errorf(http.StatusBadRequest, "unsupported Content-Type %q, expected multipart/form-data or application/octet-stream", contentType)
 	}
@@ -86,10 +82,6 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 	}
 	reply.JSON(w, http.StatusOK, entries)
 }
-
-// multipartBuffer is how much of a multipart body envd reads from the
-// connection at a time.
-const multipartBuffer = 256 << 10
 
 // decodedBody is the request body with its Content-Encoding (gzip) undone.
 func decodedBody(r *http.Request) (io.Reader, error) {
@@ -128,7 +120,7 @@ type staged struct {
 // addParts stages every part named "file". Without a path, a part's filename
 // is its target: parsed here from Content-Disposition, because
 // multipart.Part.FileName drops the directories.
-func (b *batch) addParts(mr *multipart.Reader, path string) error {
+func (b *batch) addParts(mr *formReader, path string) error {
 	for n := 1; ; n++ {
 		part, err := mr.NextPart()
 		if err == io.EOF {
