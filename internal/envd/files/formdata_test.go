@@ -23,40 +23,43 @@ type formPartData struct {
 func parseForm(t *testing.T, body []byte, boundary string, wrap func(io.Reader) io.Reader) ([]formPartData, error) {
 	t.Helper()
 	r := newFormReader(wrap(bytes.NewReader(body)), boundary)
-	var out []formPartData
-	for {
+	return collectParts(func() (string, string, io.Reader, error) {
 		p, err := r.NextPart()
-		if err == io.EOF {
-			return out, nil
-		}
 		if err != nil {
-			return out, err
+			return "", "", nil, err
 		}
-		b, err := io.ReadAll(p)
-		if err != nil {
-			return out, err
-		}
-		out = append(out, formPartData{p.FormName(), p.Header.Get("Content-Disposition"), b})
-	}
+		return p.FormName(), p.Header.Get("Content-Disposition"), p, nil
+	})
 }
 
 // parseStd is the same with mime/multipart, the oracle.
 func parseStd(body []byte, boundary string) ([]formPartData, error) {
 	r := multipart.NewReader(bytes.NewReader(body), boundary)
+	return collectParts(func() (string, string, io.Reader, error) {
+		p, err := r.NextPart()
+		if err != nil {
+			return "", "", nil, err
+		}
+		return p.FormName(), p.Header.Get("Content-Disposition"), p, nil
+	})
+}
+
+// collectParts reads the parts next returns until io.EOF.
+func collectParts(next func() (name, disposition string, body io.Reader, err error)) ([]formPartData, error) {
 	var out []formPartData
 	for {
-		p, err := r.NextPart()
+		name, disposition, body, err := next()
 		if err == io.EOF {
 			return out, nil
 		}
 		if err != nil {
 			return out, err
 		}
-		b, err := io.ReadAll(p)
+		b, err := io.ReadAll(body)
 		if err != nil {
 			return out, err
 		}
-		out = append(out, formPartData{p.FormName(), p.Header.Get("Content-Disposition"), b})
+		out = append(out, formPartData{name, disposition, b})
 	}
 }
 
