@@ -45,7 +45,8 @@ type Config struct {
 	// frozen for creates to claim (0: none).
 	WarmPool int
 	// WarmPools sizes the warm pools of other templates, by the name a
-	// client uses (ParseWarmPools); each follows its template's rebuilds.
+	// client of the default team uses (ParseWarmPools); each follows its
+	// template's rebuilds.
 	WarmPools map[string]int
 	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
 	// control.DefaultMaxUploadBytes).
