@@ -11,7 +11,9 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -308,6 +310,27 @@ func (m *Manager) runGuest(ctx context.Context, base, token, user, cmd string, a
 		}
 	}
 	return fmt.Errorf("run %s in the guest: no end event: %v", cmd, stream.Err())
+}
+
+// PoolStatus is one warm pool.
+type PoolStatus struct {
+	// Artifact is the pool's template build directory (absolute).
+	Artifact    string
+	Ready, Size int
+}
+
+// WarmPools reports every warm pool that has a size or VMs, by artifact.
+func (m *Manager) WarmPools() []PoolStatus {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var out []PoolStatus
+	for dir, size := range m.poolSize {
+		if ready := len(m.pools[dir]); size > 0 || ready > 0 {
+			out = append(out, PoolStatus{Artifact: dir, Ready: ready, Size: size})
+		}
+	}
+	slices.SortFunc(out, func(a, b PoolStatus) int { return strings.Compare(a.Artifact, b.Artifact) })
+	return out
 }
 
 // WarmPool reports how many VMs of the artifact's pool are ready, and its size.

@@ -3,6 +3,7 @@ package node_test
 import (
 	"context"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -52,6 +53,9 @@ func TestWarmPool(t *testing.T) {
 	waitWarm(t, m, 1)
 	if list, _ := m.List(t.Context()); len(list) != 0 {
 		t.Errorf("List shows %d sandboxes; warm VMs are not sandboxes", len(list))
+	}
+	if pools := m.WarmPools(); len(pools) != 1 || filepath.Base(pools[0].Artifact) != filepath.Base(base.Dir) || pools[0].Ready != 1 || pools[0].Size != 1 {
+		t.Errorf("WarmPools = %+v, want the base build's, 1 of 1 ready", pools)
 	}
 	// A frozen VM costs no CPU: its QEMU barely ticks over a second (an
 	// idle running clone takes ~13 ticks a second under TCG).
@@ -138,6 +142,9 @@ func TestWarmPool(t *testing.T) {
 	}
 	if n := len(warmQEMUs()); n != 0 {
 		t.Errorf("%d warm VMs' QEMUs still run after SetWarmPool(0)", n)
+	}
+	if pools := m.WarmPools(); len(pools) != 0 {
+		t.Errorf("WarmPools after SetWarmPool(0) = %+v, want none", pools)
 	}
 	// Close (the cleanup) kills the warm VM and frees its slot: checkNoSlots.
 }

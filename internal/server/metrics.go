@@ -12,30 +12,31 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/warren-sh/warren/internal/blob"
+	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/store"
 )
 
 // collector exposes warren's state to Prometheus on each scrape: sandboxes
 // by state, the disk that paused sandboxes, snapshots, templates and images
-// take, and the warm pool. Values are read when scraped, not kept.
+// take, and the warm pools. Values are read when scraped, not kept.
 type collector struct {
 	store   store.Store
 	dataDir string
-	warm    func() (ready, size int) // the base template's warm pool; nil: none
+	warm    func() []node.PoolStatus // the node's warm pools; nil: none
 	log     *slog.Logger
 
 	sandboxes, storage, warmReady, warmSize *prometheus.Desc
 }
 
-func newCollector(st store.Store, dataDir string, warm func() (int, int), log *slog.Logger) *collector {
+func newCollector(st store.Store, dataDir string, warm func() []node.PoolStatus, log *slog.Logger) *collector {
 	return &collector{
 		store: st, dataDir: dataDir, warm: warm, log: log,
 		sandboxes: prometheus.NewDesc("warren_sandboxes", "Sandboxes by lifecycle state.", []string{"state"}, nil),
 		storage: prometheus.NewDesc("warren_storage_bytes",
 			"Disk taken under the data directory: paused sandboxes, snapshots, fork copies, templates (with the layer cache) and images.",
 			[]string{"kind"}, nil),
-		warmReady: prometheus.NewDesc("warren_warm_pool_ready", "Base sandboxes restored and frozen, ready for creates.", nil, nil),
-		warmSize:  prometheus.NewDesc("warren_warm_pool_size", "The base template's warm pool size.", nil, nil),
+		warmReady: prometheus.NewDesc("warren_warm_pool_ready", "Sandboxes of a template build restored and frozen, ready for creates.", []string{"template", "build"}, nil),
+		warmSize:  prometheus.NewDesc("warren_warm_pool_size", "A template build's warm pool size.", []string{"template", "build"}, nil),
 	}
 }
 
@@ -73,9 +74,12 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.storage, prometheus.GaugeValue, float64(n), kind)
 	}
 	if c.warm != nil {
-		ready, size := c.warm()
-		ch <- prometheus.MustNewConstMetric(c.warmReady, prometheus.GaugeValue, float64(ready))
-		ch <- prometheus.MustNewConstMetric(c.warmSize, prometheus.GaugeValue, float64(size))
+		for _, p := range c.warm() {
+			// Artifacts are <data>/templates/<template ID or base>/<build ID>.
+			template, build := filepath.Base(filepath.Dir(p.Artifact)), filepath.Base(p.Artifact)
+			ch <- prometheus.MustNewConstMetric(c.warmReady, prometheus.GaugeValue, float64(p.Ready), template, build)
+			ch <- prometheus.MustNewConstMetric(c.warmSize, prometheus.GaugeValue, float64(p.Size), template, build)
+		}
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/store"
 	"github.com/warren-sh/warren/internal/store/sqlite"
 )
@@ -36,7 +37,12 @@ func TestMetrics(t *testing.T) {
 	os.MkdirAll(paused, 0o700)
 	os.WriteFile(filepath.Join(paused, "state"), make([]byte, 2<<20), 0o600)
 
-	srv := httptest.NewServer(metricsHandler(newCollector(st, dir, func() (int, int) { return 1, 2 }, slog.Default())))
+	srv := httptest.NewServer(metricsHandler(newCollector(st, dir, func() []node.PoolStatus {
+		return []node.PoolStatus{
+			{Artifact: filepath.Join(dir, "templates/base/b1"), Ready: 1, Size: 2},
+			{Artifact: filepath.Join(dir, "templates/tpl9/b7"), Ready: 0, Size: 1},
+		}
+	}, slog.Default())))
 	defer srv.Close()
 	resp, err := srv.Client().Get(srv.URL)
 	if err != nil {
@@ -50,8 +56,10 @@ func TestMetrics(t *testing.T) {
 		`warren_sandboxes{state="paused"} 1`,
 		`warren_storage_bytes{kind="paused"} 2.097152e+06`,
 		`warren_storage_bytes{kind="snapshots"} 0`,
-		`warren_warm_pool_ready 1`,
-		`warren_warm_pool_size 2`,
+		`warren_warm_pool_ready{build="b1",template="base"} 1`,
+		`warren_warm_pool_size{build="b1",template="base"} 2`,
+		`warren_warm_pool_ready{build="b7",template="tpl9"} 0`,
+		`warren_warm_pool_size{build="b7",template="tpl9"} 1`,
 		`go_goroutines`,
 	} {
 		if !strings.Contains(body, want) {

@@ -168,7 +168,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 			return fmt.Errorf("metrics: listen on %s: %w", cfg.MetricsListen, err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, func() (int, int) { return mgr.WarmPool(base.Dir) }, log.With("role", "metrics"))))
+		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, mgr.WarmPools, log.With("role", "metrics"))))
 		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go msrv.Serve(mln)
 		defer msrv.Close()
