@@ -503,7 +503,8 @@ func resizePool(ctx context.Context, pool *server.BasePool, size int, say func(s
 }
 
 // frozenMsPerSec is the CPU below which a warm VM counts as frozen: an idle
-// running guest under TCG takes ~130 ms a second.
+// running guest under TCG takes ~35 ms a second (~130 before its CPU model
+// had ARAT and its tick stopped in idle).
 const frozenMsPerSec = 5
 
 // measureIdle waits d.Idle with the sandboxes running, then reads their
