@@ -150,14 +150,7 @@ func TestSetPolicyOnASlotInUse(t *testing.T) {
 	if body, err := httpGet(guest.ns, "http://"+internetServer.Addr().String()); err != nil || body != "internet" {
 		t.Errorf("guest → internet after SetPolicy(allow): got %q, %v", body, err)
 	}
-	conn, err := dialIn(guest.ns, hostPort(internetServer.Addr(), 7))
-	if err != nil {
-		t.Fatalf("guest → internet echo: %v", err)
-	}
-	defer conn.Close()
-	if err := echo(conn, "allowed"); err != nil {
-		t.Fatalf("echo while allowed: %v", err)
-	}
+	conn := openEcho(t, guest.ns, "allowed")
 
 	if err := p.SetPolicy(s, Policy{}); err != nil {
 		t.Fatalf("SetPolicy(deny): %v", err)
@@ -188,14 +181,7 @@ func TestReleaseThenAcquireReusesAndResetsSlot(t *testing.T) {
 	guest := attachGuestStandIn(t, first)
 
 	// A connection the first sandbox opened, still open when its slot is released.
-	conn, err := dialIn(guest.ns, hostPort(internetServer.Addr(), 7))
-	if err != nil {
-		t.Fatalf("guest → internet echo: %v", err)
-	}
-	defer conn.Close()
-	if err := echo(conn, "before release"); err != nil {
-		t.Fatalf("echo before release: %v", err)
-	}
+	conn := openEcho(t, guest.ns, "before release")
 
 	if err := p.Release(first); err != nil {
 		t.Fatalf("Release: %v", err)
@@ -227,6 +213,21 @@ func TestReleaseThenAcquireReusesAndResetsSlot(t *testing.T) {
 	if err := p.Release(third); err == nil {
 		t.Error("releasing an idle slot again succeeded; want an error")
 	}
+}
+
+// openEcho opens a connection from ns to the fake internet's echo port,
+// checks that msg comes back and leaves it open until the test ends.
+func openEcho(t *testing.T, ns vnetns.NsHandle, msg string) net.Conn {
+	t.Helper()
+	conn, err := dialIn(ns, hostPort(internetServer.Addr(), 7))
+	if err != nil {
+		t.Fatalf("guest → internet echo: %v", err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if err := echo(conn, msg); err != nil {
+		t.Fatalf("echo %q: %v", msg, err)
+	}
+	return conn
 }
 
 func echo(c net.Conn, msg string) error {

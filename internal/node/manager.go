@@ -431,15 +431,16 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	case paused != nil:
 		what = fmt.Sprintf("resumed the sandbox paused at %s (memory: %v)", paused.PausedAt.Format(time.RFC3339), paused.Memory)
 	}
+	listened := fmt.Sprintf("envd listened %s after the restore", listening.Sub(restored).Round(time.Millisecond))
+	if warm != nil {
+		listened = "envd listened (the warm VM's, since before it was frozen)"
+	}
 	sb.boot = []LogLine{
 		{Time: restored, Source: "boot", Message: fmt.Sprintf("%s (%d vCPUs, %d MiB) in slot %s (%s) in %s",
 			what, a.CPUs, a.MemoryMiB, slot.Name, slot.SlotIP, restored.Sub(began).Round(time.Millisecond))},
-		{Time: listening, Source: "boot", Message: fmt.Sprintf("envd listened %s after the restore", listening.Sub(restored).Round(time.Millisecond))},
+		{Time: listening, Source: "boot", Message: listened},
 		{Time: sb.info.StartedAt, Source: "boot", Message: fmt.Sprintf("envd %s accepted /init (clock, entropy, %d env vars, default user %s) in %s",
 			version, len(spec.EnvVars), cmp.Or(spec.DefaultUser, defaultUser), sb.info.StartedAt.Sub(listening).Round(time.Millisecond))},
-	}
-	if warm != nil {
-		sb.boot[1].Message = "envd listened (the warm VM's, since before it was frozen)"
 	}
 	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "resumed", paused != nil, "took", time.Since(began).Round(time.Millisecond))
 	return nil

@@ -246,7 +246,6 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	if err := m.runGuest(ctx, base, "", cmp.Or(a.User, defaultUser), "/bin/bash", "-l", "-c", "echo ready"); err != nil {
 		return err
 	}
-	m.client.CloseIdleConnections()
 	if err := m.rt.Freeze(ctx, w.vm); err != nil {
 		return err
 	}

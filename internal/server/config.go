@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/warren-sh/warren/internal/node"
 )
 
 // Config is everything `warren up` is started with. Every field has a flag
@@ -60,16 +62,16 @@ type Config struct {
 
 // BasePool is the running warren's warm pool of base sandboxes.
 type BasePool struct {
-	resize func(size int) error
-	ready  func() (ready, size int)
+	node *node.Manager
+	dir  string // the base build's artifact
 }
 
 // Resize sets how many base sandboxes are kept warm; a smaller size kills
 // the warm VMs past it before it returns.
-func (p *BasePool) Resize(size int) error { return p.resize(size) }
+func (p *BasePool) Resize(size int) error { return p.node.SetWarmPool(p.dir, size) }
 
 // Ready reports how many warm VMs wait, and the pool's size.
-func (p *BasePool) Ready() (ready, size int) { return p.ready() }
+func (p *BasePool) Ready() (ready, size int) { return p.node.WarmPool(p.dir) }
 
 // TLS modes.
 var tlsModes = []string{"off", "self-signed", "files"}

@@ -86,10 +86,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		}
 	}
 	if cfg.OnBasePool != nil {
-		cfg.OnBasePool(&BasePool{
-			resize: func(size int) error { return mgr.SetWarmPool(base.Dir, size) },
-			ready:  func() (int, int) { return mgr.WarmPool(base.Dir) },
-		})
+		cfg.OnBasePool(&BasePool{node: mgr, dir: base.Dir})
 	}
 	builder, err := template.NewBuilder(template.BuilderConfig{
 		DataDir: cfg.DataDir, Runtime: rt, Slots: mgr.Slots(), Base: base, DNS: cfg.SandboxDNS,
