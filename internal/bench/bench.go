@@ -108,8 +108,12 @@ type Results struct {
 	// stopped.
 	RestoreFloor       []float64
 	RestoreFloorBefore int
-	SDK                *SDKResults
-	Density            *DensityResult
+	// FirstCommand is, in each raw clone of RestoreFloor, envd's first
+	// command (a login shell's echo, as commands.run sends it) right
+	// after /health answered.
+	FirstCommand []float64
+	SDK          *SDKResults
+	Density      *DensityResult
 }
 
 // DensityResult is the host's memory and CPU with the density sandboxes
@@ -253,8 +257,8 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	if after := o.TTI - before; after > 0 {
 		err := withSlots(ctx, o, say, func(rt *microvm.Runtime, pool *netns.Pool) error {
 			say("restore floor: %d more raw clone restores after one warm-up", after)
-			more, err := restoreFloor(ctx, rt, pool, art, after)
-			res.RestoreFloor = append(res.RestoreFloor, more...)
+			more, first, err := restoreFloor(ctx, rt, pool, art, after)
+			res.RestoreFloor, res.FirstCommand = append(res.RestoreFloor, more...), append(res.FirstCommand, first...)
 			return err
 		})
 		if err != nil {
@@ -366,7 +370,7 @@ func prepare(ctx context.Context, o Options, n int, res *Results, say func(strin
 		}
 		pruneBuilds(o.DataDir, art.BuildID, say)
 		say("restore floor: %d raw clone restores of base build %s after one warm-up", n, art.BuildID)
-		res.RestoreFloor, err = restoreFloor(ctx, rt, pool, art, n)
+		res.RestoreFloor, res.FirstCommand, err = restoreFloor(ctx, rt, pool, art, n)
 		return err
 	})
 	return art, err

@@ -230,9 +230,8 @@ func (r *Results) PlotTTI(w io.Writer) error {
 			Series{Label: "TTI serial, pool hit", Color: purple, Values: s.TTI.Hit},
 			Series{Label: fmt.Sprintf("TTI burst of %d", r.Counts.Burst), Color: orange, Values: s.TTI.Burst},
 		)
-		echo := Median(s.TTI.Echo)
 		marks = append(marks,
-			Mark{Label: "target (miss): 1.3 x restore + echo", Color: red, X: missFactor*Median(r.RestoreFloor) + echo},
+			Mark{Label: "target (miss): 1.3 x restore + first echo", Color: red, X: missTarget(Median(r.RestoreFloor), Median(r.FirstCommand))},
 			Mark{Label: "target: burst p90 <= 3 x serial p50", Color: green, X: burstFactor * Median(s.TTI.Serial)},
 		)
 	}

@@ -10,12 +10,20 @@ import (
 const (
 	hitFactor      = 1.2 // TTI on a pool hit ≤ hitFactor × echo on a warm sandbox + hitSlackMs
 	hitSlackMs     = 20
-	missFactor     = 1.3 // TTI on a miss ≤ missFactor × raw restore + echo on a warm sandbox
+	missFactor     = 1.3 // TTI on a miss ≤ missFactor × raw restore + the raw clone's first echo
 	burstFactor    = 3   // burst p90 ≤ burstFactor × serial p50
 	uploadShare    = 0.5 // 100 MiB upload ≥ uploadShare × the loopback copy
 	densityWanted  = 100 // idle base sandboxes on densityHostGiB
 	densityHostGiB = 24
 )
+
+// missTarget is the TTI a pool miss may take: missFactor × the raw clone
+// restore + the same command, `echo ready`, as the raw clone's first. Under
+// TCG a first command translates the guest code it runs (QEMU keeps no
+// translations across processes: ~0.5 s for a login shell), which any fresh
+// QEMU pays, so the floor has it too; a command on a warm sandbox (the pool
+// hit's yardstick) has not.
+func missTarget(restoreP50, firstP50 float64) float64 { return missFactor*restoreP50 + firstP50 }
 
 // Check is one line of the summary: a measured value beside its floor and
 // target.
@@ -38,14 +46,15 @@ func (r *Results) Checks() []Check {
 	var out []Check
 	floor := Summarize(r.RestoreFloor)
 	if s := r.SDK; s != nil {
-		serial, echo := Summarize(s.TTI.Serial), Summarize(s.TTI.Echo)
-		missFloor := floor.P50 + echo.P50
-		missTarget := missFactor*floor.P50 + echo.P50
+		serial, echo, first := Summarize(s.TTI.Serial), Summarize(s.TTI.Echo), Summarize(r.FirstCommand)
+		missFloor := floor.P50 + first.P50
+		missTarget := missTarget(floor.P50, first.P50)
 		out = append(out, Check{
 			Metric: "TTI p50 on a pool miss (serial, the warm pool emptied)", Measured: ms(serial.P50),
-			Floor:  fmt.Sprintf("%s (restore %s + echo %s)", ms(missFloor), ms(floor.P50), ms(echo.P50)),
+			Floor: fmt.Sprintf("%s (raw clone: restore %s + its first echo %s; echo on a warm sandbox %s)",
+				ms(missFloor), ms(floor.P50), ms(first.P50), ms(echo.P50)),
 			Ratio:  ratio(serial.P50, missFloor),
-			Target: fmt.Sprintf("≤ %s (%.1f × restore + echo)", ms(missTarget), missFactor),
+			Target: fmt.Sprintf("≤ %s (%.1f × restore + first echo)", ms(missTarget), missFactor),
 			Result: pass(serial.P50 <= missTarget),
 		})
 		hitTarget := hitFactor*echo.P50 + hitSlackMs
@@ -196,7 +205,9 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 		"3 s apart so the pool refills (the sandbox's log tells whether the create claimed a warm VM), then %d at once "+
 		"with the pool full (each timed from the common start). The floor is a raw clone restore of the same snapshot (microVM runtime Start → envd's "+
 		"first `/health` 204, no warren in between), half of them before warren started and half after it stopped, each half after "+
-		"one warm-up.", r.Counts.TTI, r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst)
+		"one warm-up; then the same command, `bash -l -c 'echo ready'`, as each raw clone's first, straight to its envd. Under TCG "+
+		"a new QEMU process has translated none of the guest's code, so a first command costs what later ones do not; a miss "+
+		"is held to that floor, a hit to the echo on a warm sandbox.", r.Counts.TTI, r.Counts.Warmup, r.Counts.TTI, r.Counts.Burst)
 	p("")
 	p("| | n | p50 | p90 | p99 | max |")
 	p("|---|---|---|---|---|---|")
@@ -214,6 +225,7 @@ func (r *Results) WriteMarkdown(w io.Writer, plot string) error {
 		row(p, "  before warren started", Summarize(r.RestoreFloor[:k]))
 		row(p, "  after warren stopped", Summarize(r.RestoreFloor[k:]))
 	}
+	row(p, "floor: the raw clone's first `echo ready` (straight to envd)", Summarize(r.FirstCommand))
 	if s := r.SDK; s != nil && len(s.TTI.BurstErrors) > 0 {
 		p("")
 		p("Failed creates in the burst: %s", strings.Join(s.TTI.BurstErrors, "; "))

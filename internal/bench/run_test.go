@@ -117,7 +117,8 @@ func TestWarrenBench(t *testing.T) {
 		name      string
 		got, want int
 	}{
-		{"restore floor", len(res.RestoreFloor), 3}, {"serial TTI", len(res.SDK.TTI.Serial), 3},
+		{"restore floor", len(res.RestoreFloor), 3}, {"first command in a raw clone", len(res.FirstCommand), 3},
+		{"serial TTI", len(res.SDK.TTI.Serial), 3},
 		{"burst TTI", len(res.SDK.TTI.Burst), 2}, {"round trips", len(res.SDK.RTT.Command), 20},
 		{"density PSS", len(res.Density.PSS), 3},
 	} {
