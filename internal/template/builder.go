@@ -191,7 +191,8 @@ func (b *LocalBuilder) Build(ctx context.Context, req BuildRequest) (a *Artifact
 		}
 		var be *BuildError
 		if !errors.As(err, &be) {
-			err = &BuildError{Step: "finalize", Message: err.Error()}
+			be = &BuildError{Step: "finalize", Message: err.Error()}
+			err = be
 		}
 		bd.logf(be.Step, "error", "build failed: %s", be.Message)
 	}()
