@@ -6,6 +6,8 @@ import (
 	"os"
 	"strconv"
 	"time"
+
+	"github.com/warren-sh/warren/internal/template"
 )
 
 // envFlags registers flags whose defaults come from WARREN_* environment
@@ -50,4 +52,18 @@ func (e *envFlags) err() error {
 		return e.errs[0]
 	}
 	return nil
+}
+
+// templateCacheMax registers --template-cache-max and returns its value,
+// parsed, once the flags are.
+func templateCacheMax(e *envFlags) func() (int64, error) {
+	v := e.String("template-cache-max", "WARREN_TEMPLATE_CACHE_MAX", fmt.Sprintf("%dGiB", template.DefaultCacheMax>>30),
+		"disk the template build cache (step layers, source images, snapshots of deleted templates) may keep beyond what live templates, sandboxes and builds use; least recently used entries go first. 0: keep only what costs nothing; off: no limit, remove only what nothing uses")
+	return func() (int64, error) {
+		n, err := template.ParseCacheMax(*v)
+		if err != nil {
+			return 0, fmt.Errorf("--template-cache-max %w", err)
+		}
+		return n, nil
+	}
 }

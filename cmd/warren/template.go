@@ -26,8 +26,10 @@ Commands:
   build   build a template from a Dockerfile (like 'e2b template create')
   ls      list the templates of your team
   rm      delete a template by name or ID
+  gc      remove template build storage nothing uses, and trim the build
+          cache (runs on this host's data directory, not through the API)
 
-They talk to warren's API like the e2b CLI does:
+build, ls and rm talk to warren's API like the e2b CLI does:
   --api-url  WARREN_API_URL, else E2B_API_URL, else http://localhost:3000
              (where 'warren up' listens by default)
   --api-key  WARREN_API_KEY, else E2B_API_KEY, else the key 'warren up'
@@ -44,11 +46,12 @@ func runTemplate(args []string) error {
 	sub := map[string]func([]string) error{
 		"build": runTemplateBuild, "ls": runTemplateList, "list": runTemplateList,
 		"rm": runTemplateRemove, "delete": runTemplateRemove,
+		"gc": runTemplateGC,
 	}
 	run, ok := sub[args[0]]
 	if !ok {
 		fmt.Fprint(os.Stderr, templateUsage)
-		return fmt.Errorf("template: unknown command %q (build, ls, rm)", args[0])
+		return fmt.Errorf("template: unknown command %q (build, ls, rm, gc)", args[0])
 	}
 	if err := run(args[1:]); !errors.Is(err, flag.ErrHelp) {
 		return err

@@ -61,6 +61,7 @@ Flags (each also read from the environment variable shown):
 	warmPools := e.String("warm-pool-templates", "WARREN_WARM_POOL_TEMPLATES", "", "warm pools of other templates of the default team: template=size pairs, comma-separated (e.g. code-interpreter=2); each follows its template's rebuilds")
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
+	cacheMax := templateCacheMax(e)
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
 	fs.Parse(args)
 	if err := e.err(); err != nil {
@@ -70,6 +71,10 @@ Flags (each also read from the environment variable shown):
 		return fmt.Errorf("up takes no arguments, got %q", fs.Args())
 	}
 	pools, err := server.ParseWarmPools(*warmPools)
+	if err != nil {
+		return err
+	}
+	templateCache, err := cacheMax()
 	if err != nil {
 		return err
 	}
@@ -83,6 +88,7 @@ Flags (each also read from the environment variable shown):
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
+		TemplateCacheMax: templateCache,
 	}
 	level := slog.LevelInfo
 	if *verbose {

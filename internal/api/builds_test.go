@@ -60,6 +60,7 @@ func newBuildEnv(t *testing.T, o buildOptions) *buildEnv {
 	cfg := control.TemplatesConfig{
 		Store: e.store, DataDir: e.dataDir, Builder: e.builder, Images: e.images,
 		MaxUploadBytes: o.maxUploadBytes, Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		GC: &control.TemplateGC{Store: e.store, DataDir: e.dataDir, CacheMax: template.DefaultCacheMax},
 	}
 	if o.noBuilder {
 		cfg.Builder, cfg.Images = nil, nil
@@ -653,9 +654,20 @@ func TestDeleteTemplate(t *testing.T) {
 	if len(res.body) != 0 {
 		t.Errorf("delete answered %q, want no body", res.body)
 	}
-	for _, p := range []string{artifact, filepath.Dir(artifact), logFile} {
-		if _, err := os.Stat(p); !os.IsNotExist(err) {
-			t.Errorf("%s after delete: %v, want it gone", p, err)
+	// The log goes with the template, the artifact with the collection of
+	// template storage the delete asks for.
+	deadline := time.Now().Add(10 * time.Second)
+	for _, p := range []string{logFile, artifact, filepath.Dir(artifact)} {
+		for {
+			_, err := os.Stat(p)
+			if os.IsNotExist(err) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%s after delete: %v, want it gone", p, err)
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
 		}
 	}
 	if _, err := os.Stat(filepath.Join(e.baseArtifact, "artifact.json")); err != nil {

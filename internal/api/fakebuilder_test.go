@@ -87,8 +87,14 @@ func (b *fakeBuilder) Build(ctx context.Context, req template.BuildRequest) (*te
 		return nil, fail
 	}
 	req.Log(template.LogEntry{Level: "info", Message: "snapshot taken", Step: "finalize"})
-	dir := filepath.Join(b.dataDir, "templates", req.TemplateID, req.BuildID)
-	return writeFakeArtifact(dir, req.BuildID, req.CPUs, req.MemoryMiB)
+	// As a builder does: no collection of template storage runs while the
+	// artifact appears.
+	unlock, err := template.LockCache(ctx, b.dataDir)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	return writeFakeArtifact(template.ArtifactDir(b.dataDir, req.TemplateID, req.BuildID), req.BuildID, req.CPUs, req.MemoryMiB)
 }
 
 func (b *fakeBuilder) requests() []template.BuildRequest {

@@ -431,8 +431,8 @@ func startServer(ctx context.Context, o Options, progress io.Writer) (*benchServ
 		// counts asked for: density measures memory, not a configured cap.
 		MaxSandboxes: 0, MaxLifetime: 24 * time.Hour, NodeMaxSandboxes: max(o.Density, o.Burst) + 2,
 		BootstrapAPIKey: key,
-		// The warm pool as `warren up` has it by default.
-		WarmPool: defaultWarmPool,
+		// The warm pool and template cache as `warren up` has them by default.
+		WarmPool: defaultWarmPool, TemplateCacheMax: template.DefaultCacheMax,
 	}
 	runCtx, cancel := context.WithCancel(ctx)
 	s := &benchServer{

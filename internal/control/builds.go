@@ -100,7 +100,10 @@ type TemplatesConfig struct {
 	Concurrency int
 	// MaxUploadBytes caps one COPY upload (default DefaultMaxUploadBytes).
 	MaxUploadBytes int64
-	Log            *slog.Logger
+	// GC, when set, collects template storage while Run runs: at start,
+	// after each build and template deletion, and every hour.
+	GC  *TemplateGC
+	Log *slog.Logger
 }
 
 // Templates runs user template builds and manages templates' tags, names
@@ -116,6 +119,7 @@ type Templates struct {
 	queued  map[string]bool      // build IDs started in this process and not finished
 	logs    map[string]*buildLog // logs of builds in flight, by build ID
 	wake    chan struct{}
+	gcWake  chan struct{} // asks for a collection of template storage
 }
 
 // queuedBuild is a started build waiting for a worker.
@@ -192,6 +196,7 @@ func NewTemplates(ctx context.Context, cfg TemplatesConfig) (*Templates, error) 
 	t := &Templates{
 		cfg: cfg, store: cfg.Store, log: cfg.Log, uploadKey: key,
 		queued: map[string]bool{}, logs: map[string]*buildLog{}, wake: make(chan struct{}, 1),
+		gcWake: make(chan struct{}, 1),
 	}
 	if err := t.failInterrupted(ctx); err != nil {
 		return nil, err
@@ -589,11 +594,14 @@ func (t *Templates) ownBuild(ctx context.Context, team *store.Team, templateRef,
 	return tmpl, b, nil
 }
 
-// Run runs queued builds, Concurrency at a time, until ctx is done. Builds
-// cut short by ctx end as errors; queued ones stay waiting and are failed by
-// the next start.
+// Run runs queued builds, Concurrency at a time, and collects template
+// storage (TemplatesConfig.GC), until ctx is done. Builds cut short by ctx
+// end as errors; queued ones stay waiting and are failed by the next start.
 func (t *Templates) Run(ctx context.Context) error {
 	var wg sync.WaitGroup
+	if t.cfg.GC != nil {
+		wg.Go(func() { t.collectLoop(ctx) })
+	}
 	for range t.cfg.Concurrency {
 		wg.Add(1)
 		go func() {
@@ -648,6 +656,9 @@ func (t *Templates) run(ctx context.Context, q *queuedBuild) {
 		delete(t.logs, q.buildID)
 		delete(t.queued, q.buildID)
 		t.mu.Unlock()
+		// What the build made is recorded (or failed): what it replaced
+		// or left may go.
+		t.collectSoon()
 	}()
 	b, err := t.store.GetBuild(ctx, q.buildID)
 	if err != nil || b.Status != store.BuildWaiting {
@@ -681,7 +692,6 @@ func (t *Templates) run(ctx context.Context, q *queuedBuild) {
 	if err := t.finishReady(done, b, q.spec, art); err != nil {
 		t.log.Error("template build: record success", "build", b.ID, "err", err)
 		l.add(template.LogEntry{Level: "error", Message: "Build failed: recording the build: " + err.Error(), Step: "finalize"})
-		t.removeArtifact(b.TemplateID, art.Dir)
 		if err := t.finishFailed(done, b, "recording the build failed", "finalize"); err != nil {
 			t.log.Error("template build: record failure", "build", b.ID, "err", err)
 		}
@@ -801,14 +811,7 @@ func (t *Templates) loadArtifact(b *store.Build) (*template.Artifact, error) {
 	if b.Status != store.BuildReady || b.Artifact == "" {
 		return nil, fmt.Errorf("build %s is %s", b.ID, b.Status)
 	}
-	return template.LoadArtifact(t.absDataPath(b.Artifact))
-}
-
-func (t *Templates) absDataPath(p string) string {
-	if filepath.IsAbs(p) {
-		return p
-	}
-	return filepath.Join(t.cfg.DataDir, p)
+	return template.LoadArtifact(dataPath(t.cfg.DataDir, b.Artifact))
 }
 
 // finishReady records a successful build: its artifact and resources, and

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -109,8 +108,10 @@ func (t *Templates) SetPublic(ctx context.Context, team *store.Team, ref string,
 }
 
 // DeleteTemplate deletes one of the team's templates with its builds, tags,
-// names, artifacts and build logs. It refuses while sandboxes (running or
-// paused) use the template or one of its builds runs.
+// names and build logs; the next collection of template storage removes its
+// artifacts, but for what other templates, snapshots or sandboxes still
+// build on. It refuses while sandboxes (running or paused) use the template
+// or one of its builds runs.
 func (t *Templates) DeleteTemplate(ctx context.Context, team *store.Team, ref string) error {
 	tmpl, err := t.ownTemplate(ctx, team, ref)
 	if err != nil {
@@ -144,31 +145,11 @@ func (t *Templates) DeleteTemplate(ctx context.Context, team *store.Team, ref st
 		return fmt.Errorf("delete template %s: %w", tmpl.ID, err)
 	}
 	for _, b := range builds {
-		if b.Artifact != "" {
-			t.removeArtifact(tmpl.ID, t.absDataPath(b.Artifact))
-		}
 		if err := os.Remove(t.logPath(b.ID)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			t.log.Warn("delete template: remove build log", "build", b.ID, "err", err)
 		}
 	}
 	t.log.Info("template deleted", "template", tmpl.ID, "builds", len(builds))
+	t.collectSoon()
 	return nil
-}
-
-// removeArtifact deletes a build's artifact directory, but only one inside
-// <data-dir>/templates/ and never the base template's (its files are shared
-// with the base image and kernel). An emptied parent directory goes too.
-func (t *Templates) removeArtifact(templateID, dir string) {
-	root := filepath.Join(t.cfg.DataDir, "templates")
-	rel, err := filepath.Rel(root, filepath.Clean(dir))
-	if err != nil || !filepath.IsLocal(rel) || !strings.Contains(rel, string(filepath.Separator)) ||
-		strings.HasPrefix(rel, "base"+string(filepath.Separator)) || templateID == BaseTemplateID {
-		t.log.Warn("template artifact outside the templates directory: left in place", "template", templateID, "dir", dir)
-		return
-	}
-	if err := os.RemoveAll(dir); err != nil {
-		t.log.Warn("remove template artifact", "template", templateID, "dir", dir, "err", err)
-		return
-	}
-	os.Remove(filepath.Dir(dir)) // only if empty
 }

@@ -50,3 +50,23 @@ func Lock(ctx context.Context, path string, waiting func()) (unlock func(), err 
 		}
 	}
 }
+
+// Held reports whether another holder has the lock on the existing file at
+// path: a lock file that marks work in progress (a running template build)
+// is alive while its holder runs, and stale once it died. An error wrapping
+// fs.ErrNotExist says the file is gone.
+func Held(path string) (bool, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return false, fmt.Errorf("lock %s: %w", path, err)
+	}
+	defer f.Close()
+	switch err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); {
+	case err == nil:
+		return false, nil // closing f releases it
+	case errors.Is(err, unix.EWOULDBLOCK):
+		return true, nil
+	default:
+		return false, fmt.Errorf("lock %s: %w", path, err)
+	}
+}

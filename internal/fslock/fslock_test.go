@@ -2,6 +2,8 @@ package fslock
 
 import (
 	"context"
+	"errors"
+	"io/fs"
 	"path/filepath"
 	"testing"
 	"time"
@@ -43,4 +45,28 @@ func TestLockExcludesAndWaits(t *testing.T) {
 	case <-time.After(2 * time.Second):
 		t.Fatal("the waiter did not get the released lock")
 	}
+}
+
+func TestHeld(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "x.lock")
+	if _, err := Held(p); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("Held of a missing file: %v, want not-exist", err)
+	}
+	unlock, err := Lock(t.Context(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if held, err := Held(p); !held || err != nil {
+		t.Errorf("Held of a held lock = %v, %v; want true", held, err)
+	}
+	unlock()
+	if held, err := Held(p); held || err != nil {
+		t.Errorf("Held of a released lock = %v, %v; want false", held, err)
+	}
+	// Held's probe does not keep the lock.
+	u, err := Lock(t.Context(), p, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u()
 }

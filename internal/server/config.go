@@ -53,6 +53,11 @@ type Config struct {
 	// MaxUploadBytes caps one upload of a template build's COPY files (0 =
 	// control.DefaultMaxUploadBytes).
 	MaxUploadBytes int64
+	// TemplateCacheMax bounds what the template build cache keeps beyond
+	// what live templates, sandboxes and builds use (template.ParseCacheMax;
+	// template.NoCacheLimit: no bound). The zero value keeps only what costs
+	// nothing.
+	TemplateCacheMax int64
 
 	// OnBasePool, when set, is called once the base template is ready with
 	// a handle on its warm pool: a program running warren in its own

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/warren-sh/warren/internal/blob"
+	"github.com/warren-sh/warren/internal/control"
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/store"
 )
@@ -23,20 +24,27 @@ type collector struct {
 	store   store.Store
 	dataDir string
 	warm    func() []node.PoolStatus // the node's warm pools; nil: none
+	gc      func() control.GCStats   // template storage collections; nil: none
 	log     *slog.Logger
 
 	sandboxes, storage, warmReady, warmSize *prometheus.Desc
+	cacheBytes, gcFreed, gcRemoved          *prometheus.Desc
 }
 
-func newCollector(st store.Store, dataDir string, warm func() []node.PoolStatus, log *slog.Logger) *collector {
+func newCollector(st store.Store, dataDir string, warm func() []node.PoolStatus, gc func() control.GCStats, log *slog.Logger) *collector {
 	return &collector{
-		store: st, dataDir: dataDir, warm: warm, log: log,
+		store: st, dataDir: dataDir, warm: warm, gc: gc, log: log,
 		sandboxes: prometheus.NewDesc("warren_sandboxes", "Sandboxes by lifecycle state.", []string{"state"}, nil),
 		storage: prometheus.NewDesc("warren_storage_bytes",
 			"Disk taken under the data directory: paused sandboxes, snapshots, fork copies, templates (with the layer cache) and images.",
 			[]string{"kind"}, nil),
 		warmReady: prometheus.NewDesc("warren_warm_pool_ready", "Sandboxes of a template build restored and frozen, ready for creates.", []string{"template", "build"}, nil),
 		warmSize:  prometheus.NewDesc("warren_warm_pool_size", "A template build's warm pool size.", []string{"template", "build"}, nil),
+		cacheBytes: prometheus.NewDesc("warren_template_cache_bytes",
+			"Disk the template build cache keeps beyond what live templates, sandboxes and builds use, as of the last collection (bounded by --template-cache-max).", nil, nil),
+		gcFreed: prometheus.NewDesc("warren_template_gc_freed_bytes_total", "Disk freed by collections of template storage.", nil, nil),
+		gcRemoved: prometheus.NewDesc("warren_template_gc_removed_total",
+			"What collections of template storage removed: step layers, source disks and build artifacts.", []string{"kind"}, nil),
 	}
 }
 
@@ -45,6 +53,9 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.storage
 	ch <- c.warmReady
 	ch <- c.warmSize
+	ch <- c.cacheBytes
+	ch <- c.gcFreed
+	ch <- c.gcRemoved
 }
 
 func (c *collector) Collect(ch chan<- prometheus.Metric) {
@@ -58,7 +69,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		ch <- prometheus.MustNewConstMetric(c.sandboxes, prometheus.GaugeValue, float64(n), string(state))
 	}
-	blobs, err := (&blob.Local{Root: filepath.Join(c.dataDir, "blobs")}).Usage(ctx)
+	blobs, err := (&blob.Local{Root: blobsDir(c.dataDir)}).Usage(ctx)
 	if err != nil {
 		c.log.Warn("metrics: blob usage", "err", err)
 	}
@@ -72,6 +83,14 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			continue
 		}
 		ch <- prometheus.MustNewConstMetric(c.storage, prometheus.GaugeValue, float64(n), kind)
+	}
+	if c.gc != nil {
+		s := c.gc()
+		ch <- prometheus.MustNewConstMetric(c.cacheBytes, prometheus.GaugeValue, float64(s.CacheBytes))
+		ch <- prometheus.MustNewConstMetric(c.gcFreed, prometheus.CounterValue, float64(s.FreedBytes))
+		for _, kind := range []string{"layer", "source", "artifact"} {
+			ch <- prometheus.MustNewConstMetric(c.gcRemoved, prometheus.CounterValue, float64(s.Removed[kind]), kind)
+		}
 	}
 	if c.warm != nil {
 		for _, p := range c.warm() {

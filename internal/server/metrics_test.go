@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/warren-sh/warren/internal/control"
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/store"
 	"github.com/warren-sh/warren/internal/store/sqlite"
@@ -36,13 +37,27 @@ func TestMetrics(t *testing.T) {
 	paused := filepath.Join(dir, "blobs", "paused", "ic", "vm")
 	os.MkdirAll(paused, 0o700)
 	os.WriteFile(filepath.Join(paused, "state"), make([]byte, 2<<20), 0o600)
+	// A layer nothing uses: a collection removes it.
+	layers := filepath.Join(dir, "templates", "layers")
+	os.MkdirAll(layers, 0o700)
+	os.WriteFile(filepath.Join(layers, "0123-dead.qcow2"), []byte(strings.Repeat("x", 8192)), 0o600)
+	if _, _, err := control.Bootstrap(t.Context(), st, control.TeamLimits{}, ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := control.EnsureBaseTemplate(t.Context(), st, control.BaseBuild{Key: "k", Artifact: "templates/base/0123456789abcdef"}); err != nil {
+		t.Fatal(err)
+	}
+	gc := templateGC(Config{DataDir: dir, TemplateCacheMax: 1 << 30}, st, slog.Default())
+	if _, err := gc.Collect(t.Context(), false); err != nil {
+		t.Fatal(err)
+	}
 
 	srv := httptest.NewServer(metricsHandler(newCollector(st, dir, func() []node.PoolStatus {
 		return []node.PoolStatus{
 			{Artifact: filepath.Join(dir, "templates/base/b1"), Ready: 1, Size: 2},
 			{Artifact: filepath.Join(dir, "templates/tpl9/b7"), Ready: 0, Size: 1},
 		}
-	}, slog.Default())))
+	}, gc.Stats, slog.Default())))
 	defer srv.Close()
 	resp, err := srv.Client().Get(srv.URL)
 	if err != nil {
@@ -60,6 +75,10 @@ func TestMetrics(t *testing.T) {
 		`warren_warm_pool_size{build="b1",template="base"} 2`,
 		`warren_warm_pool_ready{build="b7",template="tpl9"} 0`,
 		`warren_warm_pool_size{build="b7",template="tpl9"} 1`,
+		`warren_template_cache_bytes 0`,
+		`warren_template_gc_freed_bytes_total 8192`,
+		`warren_template_gc_removed_total{kind="layer"} 1`,
+		`warren_template_gc_removed_total{kind="source"} 0`,
 		`go_goroutines`,
 	} {
 		if !strings.Contains(body, want) {

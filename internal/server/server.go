@@ -64,7 +64,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		}
 	}
 
-	rt, err := microvm.New(microvm.Config{Root: filepath.Join(cfg.DataDir, "vms"), Accel: cfg.VMAccel, GuestASLR: cfg.GuestASLR, Log: log})
+	rt, err := microvm.New(microvm.Config{Root: vmsDir(cfg.DataDir), Accel: cfg.VMAccel, GuestASLR: cfg.GuestASLR, Log: log})
 	if err != nil {
 		return err
 	}
@@ -97,6 +97,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	}
 	images := imageResolver{store: &oci.Store{Dir: filepath.Join(cfg.DataDir, "images"), Log: log.With("role", "images")}, envd: cfg.Envd}
 
+	gc := templateGC(cfg, st, log)
 	var px *proxy.Proxy
 	ctl := control.New(control.Config{
 		Store: st, Node: mgr, Catalog: catalog.NewMemory(), Log: log.With("role", "control"),
@@ -105,7 +106,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	// Before the API serves: it fails the builds a previous run left unfinished.
 	tpl, err := control.NewTemplates(ctx, control.TemplatesConfig{
 		Store: st, DataDir: cfg.DataDir, Concurrency: cfg.BuildConcurrency, MaxUploadBytes: cfg.MaxUploadBytes,
-		Builder: builder, Images: images,
+		Builder: builder, Images: images, GC: gc,
 		Log: log.With("role", "builds"),
 	})
 	if err != nil {
@@ -165,7 +166,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 			return fmt.Errorf("metrics: listen on %s: %w", cfg.MetricsListen, err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, mgr.WarmPools, log.With("role", "metrics"))))
+		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, mgr.WarmPools, gc.Stats, log.With("role", "metrics"))))
 		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go msrv.Serve(mln)
 		defer msrv.Close()
@@ -208,11 +209,47 @@ func openStore(ctx context.Context, cfg Config) (store.Store, error) {
 		}
 		return st, nil
 	}
-	st, err := sqlite.Open(ctx, filepath.Join(cfg.DataDir, "warren.db"))
+	st, err := sqlite.Open(ctx, sqlitePath(cfg.DataDir))
 	if err != nil {
 		return nil, fmt.Errorf("sqlite store: %w", err)
 	}
 	return st, nil
+}
+
+// sqlitePath is the SQLite store's file, when there is no Postgres.
+func sqlitePath(dataDir string) string { return filepath.Join(dataDir, "warren.db") }
+
+// vmsDir is the microVM runtime's state root; the node's blob storage is
+// its default, blobsDir.
+func vmsDir(dataDir string) string   { return filepath.Join(dataDir, "vms") }
+func blobsDir(dataDir string) string { return filepath.Join(dataDir, "blobs") }
+
+// templateGC collects the template storage of cfg's data directory: what
+// sandboxes' disks (VM state, blob storage) and the store's builds use stays.
+func templateGC(cfg Config, st store.Store, log *slog.Logger) *control.TemplateGC {
+	return &control.TemplateGC{
+		Store: st, DataDir: cfg.DataDir, InUse: []string{vmsDir(cfg.DataDir), blobsDir(cfg.DataDir)},
+		CacheMax: cfg.TemplateCacheMax, Log: log.With("role", "template-gc"),
+	}
+}
+
+// CollectTemplates runs one collection of the template storage of the warren
+// cfg describes (its data directory and store), as `warren up` does after
+// builds and hourly; it may run beside that warren. With dryRun nothing is
+// removed.
+func CollectTemplates(ctx context.Context, cfg Config, dryRun bool, log *slog.Logger) (*template.GCResult, error) {
+	if cfg.DatabaseURL == "" {
+		// Opening would make an empty store, which lists no build.
+		if _, err := os.Stat(sqlitePath(cfg.DataDir)); err != nil {
+			return nil, fmt.Errorf("no database of warren in %s (%v): give the --data-dir and --database-url 'warren up' uses", cfg.DataDir, err)
+		}
+	}
+	st, err := openStore(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	return templateGC(cfg, st, log).Collect(ctx, dryRun)
 }
 
 // ensureBase builds the base template on first need (minutes, with progress)

@@ -473,14 +473,20 @@ func withConsole(err error, vm runtime.VM) error {
 }
 
 // linkOrCopy makes dst a hard link of src, or a sparse copy when they are on
-// different file systems.
+// different file systems. The copy is made beside dst and renamed: dst never
+// exists half-written (a build trusts a source disk that exists).
 func linkOrCopy(src, dst string) error {
 	err := os.Link(src, dst)
 	if err == nil || !errors.Is(err, syscall.EXDEV) {
 		return err
 	}
-	out, err := exec.Command("cp", "--sparse=always", "--reflink=auto", src, dst).CombinedOutput()
+	tmp := filepath.Join(filepath.Dir(dst), "."+filepath.Base(dst)+".tmp-copy")
+	out, err := exec.Command("cp", "--sparse=always", "--reflink=auto", src, tmp).CombinedOutput()
+	if err == nil {
+		err = os.Rename(tmp, dst)
+	}
 	if err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("copy %s to %s: %w: %s", src, dst, err, out)
 	}
 	return nil

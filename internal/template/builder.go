@@ -55,6 +55,10 @@ import (
 //
 // A build whose steps are all cached and whose final snapshot is cached too
 // hard-links that snapshot into its own artifact: no VM runs.
+//
+// Nothing here is removed by the builder once cached; CollectGarbage (gc.go)
+// removes what no build, sandbox or cache entry within its budget uses, and
+// describes the locks and pins a build holds against it.
 const (
 	layersDir  = "layers"
 	finalsDir  = "finals"
@@ -152,9 +156,18 @@ type build struct {
 	mine []string // layer files this build made that no cache entry names yet
 
 	kernel, initramfs, disk string // what the VM boots
+	image                   string // a root image source, which disk links
 	sourceKey               string
 	states                  []stepState // states[i]: before step i+1; states[n]: after the last
 	hashes                  []string    // hashes[i]: of the source and steps 1..i
+
+	// Settled by start: how many leading steps are cached, the disk the VM
+	// boots (the last cached layer, or the source's disk), the final
+	// snapshot's cache key and the cached snapshot, if any.
+	cached int
+	root   string
+	final  string
+	hit    *Artifact
 }
 
 func (bd *build) logf(step, level, format string, args ...any) {
@@ -175,7 +188,7 @@ func (b *LocalBuilder) Build(ctx context.Context, req BuildRequest) (a *Artifact
 	if req.MemoryMiB == 0 {
 		req.MemoryMiB = DefaultBuildMemoryMiB
 	}
-	bd := &build{b: b, req: req, dir: filepath.Join(b.cfg.DataDir, "templates", req.TemplateID, req.BuildID)}
+	bd := &build{b: b, req: req, dir: ArtifactDir(b.cfg.DataDir, req.TemplateID, req.BuildID)}
 	if !validID.MatchString(req.TemplateID) || !validID.MatchString(req.BuildID) {
 		return nil, &BuildError{Step: "base", Message: fmt.Sprintf("template %q or build %q is not a valid ID", req.TemplateID, req.BuildID)}
 	}
@@ -191,30 +204,87 @@ func (b *LocalBuilder) Build(ctx context.Context, req BuildRequest) (a *Artifact
 		}
 		var be *BuildError
 		if !errors.As(err, &be) {
-			err = &BuildError{Step: "finalize", Message: err.Error()}
+			be = &BuildError{Step: "finalize", Message: err.Error()}
+			err = be
 		}
 		bd.logf(be.Step, "error", "build failed: %s", be.Message)
 	}()
 	if err := bd.prepare(); err != nil {
 		return nil, err
 	}
+	release, err := bd.start(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	if bd.hit != nil {
+		bd.logCached(bd.cached)
+		bd.logf("finalize", "info", "every step and the snapshot are cached (build %s)", bd.hit.BuildID)
+		return bd.linkFinal(bd.hit)
+	}
+	return bd.run(ctx)
+}
+
+// start settles, under the cache lock (CollectGarbage), what the build
+// starts from: the source's disk (linked into sources/), the cached layers
+// and the cached final snapshot. It pins them, with the artifact directory it
+// makes, until release: a collection keeps what a running build uses.
+func (bd *build) start(ctx context.Context) (release func(), err error) {
+	dataDir := bd.b.cfg.DataDir
+	unlock, err := lockCache(ctx, dataDir, func() {
+		bd.logf("base", "info", "waiting for a garbage collection of the template cache")
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := bd.linkSource(); err != nil {
+		return nil, err
+	}
+	bd.cached, bd.root = bd.cachedSteps()
+	bd.final = bd.finalKey()
+	if bd.cached == len(bd.req.Steps) && !bd.req.Force {
+		bd.hit, _ = bd.cachedFinal(bd.final)
+	}
+	uses := []string{bd.disk, bd.root, bd.dir}
+	if bd.hit != nil {
+		uses = append(uses, bd.hit.Dir)
+	}
+	release, err = pinBuild(ctx, dataDir, bd.req.BuildID, uses)
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(filepath.Dir(bd.dir), 0o700); err != nil {
+		release()
 		return nil, err
 	}
 	if err := os.Mkdir(bd.dir, 0o700); err != nil {
+		release()
 		return nil, fmt.Errorf("artifact directory: %w", err)
 	}
-	n := len(req.Steps)
-	cached := bd.cachedSteps()
-	final := bd.finalKey()
-	if cached == n && !req.Force {
-		if a, ok := bd.cachedFinal(final); ok {
-			bd.logCached(cached)
-			bd.logf("finalize", "info", "every step and the snapshot are cached (build %s)", a.BuildID)
-			return bd.linkFinal(a)
-		}
+	return release, nil
+}
+
+// linkSource makes the source's disk of a root image source: a link of the
+// image of our own, as layers name their backing file by path and the image
+// store may prune its file.
+func (bd *build) linkSource() error {
+	if bd.image == "" {
+		return nil
 	}
-	return bd.run(ctx, cached, final)
+	if _, err := os.Stat(bd.disk); err == nil {
+		return nil
+	}
+	if err := linkOrCopy(bd.image, bd.disk); err != nil {
+		return &BuildError{Step: "base", Message: fmt.Sprintf("source image: %v", err)}
+	}
+	return nil
+}
+
+// ArtifactDir is where LocalBuilder puts the artifact of a build of a
+// template: a build in progress has it already.
+func ArtifactDir(dataDir, templateID, buildID string) string {
+	return filepath.Join(dataDir, "templates", templateID, buildID)
 }
 
 // validID keeps template and build IDs usable as one path element.
@@ -243,14 +313,8 @@ func (bd *build) prepare() error {
 			return &BuildError{Step: "base", Message: fmt.Sprintf("source image: %v", err)}
 		}
 		bd.sourceKey = fmt.Sprintf("image %s %d %s", from.RootImage, fi.Size(), fi.ModTime().UTC().Format(time.RFC3339Nano))
-		// Layers name their backing file by path: the image store may
-		// prune its file, so builds boot a link of their own.
+		bd.image = from.RootImage
 		disk := filepath.Join(bd.b.cfg.DataDir, "templates", sourcesDir, hashOf(bd.sourceKey)+".ext4")
-		if _, err := os.Stat(disk); err != nil {
-			if err := linkOrCopy(from.RootImage, disk); err != nil && !errors.Is(err, os.ErrExist) {
-				return &BuildError{Step: "base", Message: fmt.Sprintf("source image: %v", err)}
-			}
-		}
 		bd.kernel, bd.initramfs, bd.disk = base.Kernel, base.Initramfs, disk
 		start.Env = maps.Clone(from.Env)
 		start.User = cmpOr(from.User, defaultStepUser)
@@ -395,21 +459,27 @@ func (bd *build) layerOf(hash string) string {
 }
 
 // cachedSteps counts the leading steps whose layers are cached (and not
-// forced).
-func (bd *build) cachedSteps() int {
+// forced), marks their entries used, and returns the disk the build VM
+// boots: the last cached step's layer, or the source's disk.
+func (bd *build) cachedSteps() (int, string) {
 	if bd.req.Force {
-		return 0
+		return 0, bd.disk
 	}
 	bd.b.cache.Lock()
 	defer bd.b.cache.Unlock()
-	k := 0
+	k, root := 0, bd.disk
 	for i, s := range bd.req.Steps {
-		if s.Force || bd.layerOf(bd.hashes[i+1]) == "" {
+		layer := ""
+		if !s.Force {
+			layer = bd.layerOf(bd.hashes[i+1])
+		}
+		if layer == "" {
 			break
 		}
-		k = i + 1
+		markUsed(bd.layersPath(bd.hashes[i+1] + ".json"))
+		k, root = i+1, layer
 	}
-	return k
+	return k, root
 }
 
 // finalKey hashes what the snapshot depends on beyond the layers.
@@ -426,7 +496,8 @@ type finalEntry struct {
 }
 
 func (bd *build) cachedFinal(key string) (*Artifact, bool) {
-	b, err := os.ReadFile(filepath.Join(bd.b.cfg.DataDir, "templates", finalsDir, key+".json"))
+	p := filepath.Join(bd.b.cfg.DataDir, "templates", finalsDir, key+".json")
+	b, err := os.ReadFile(p)
 	if err != nil {
 		return nil, false
 	}
@@ -438,6 +509,7 @@ func (bd *build) cachedFinal(key string) (*Artifact, bool) {
 	if err != nil {
 		return nil, false
 	}
+	markUsed(p)
 	return a, true
 }
 
@@ -476,17 +548,11 @@ func writeArtifact(a *Artifact) error {
 
 // run boots the VM on the first uncached step's layer, runs the rest of the
 // steps and the start command, and snapshots the VM.
-func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, error) {
+func (bd *build) run(ctx context.Context) (*Artifact, error) {
 	b, req := bd.b, bd.req
 	n := len(req.Steps)
+	cached, root := bd.cached, bd.root
 	bd.logCached(cached)
-	root := bd.disk
-	if cached > 0 {
-		root = b.layerOfLocked(bd, bd.hashes[cached])
-		if root == "" {
-			return nil, &BuildError{Step: stepName(cached), Message: "a cached layer vanished during the build; build again"}
-		}
-	}
 	secret := make([]byte, 24)
 	rand.Read(secret)
 	a := &Artifact{
@@ -579,7 +645,7 @@ func (bd *build) run(ctx context.Context, cached int, final string) (*Artifact, 
 		return nil, err
 	}
 	if b, err := json.Marshal(finalEntry{Artifact: bd.dir}); err == nil {
-		writeFileAtomic(filepath.Join(bd.b.cfg.DataDir, "templates", finalsDir, final+".json"), b, 0o600)
+		writeFileAtomic(filepath.Join(bd.b.cfg.DataDir, "templates", finalsDir, bd.final+".json"), b, 0o600)
 	}
 	bd.logf("finalize", "info", "snapshot saved in %s", a.SnapshotTime)
 	return a, nil
@@ -592,12 +658,6 @@ func (bd *build) logCached(cached int) {
 		s := bd.req.Steps[i-1]
 		bd.logf(stepName(i), "info", "[%d/%d] %s %s: cached", i, n, s.Type, strings.Join(s.Args, " "))
 	}
-}
-
-func (b *LocalBuilder) layerOfLocked(bd *build, hash string) string {
-	b.cache.Lock()
-	defer b.cache.Unlock()
-	return bd.layerOf(hash)
 }
 
 // newLayer names the layer file step i's writes go to: unique to the build,

@@ -198,6 +198,27 @@ func TestBuildSteps(t *testing.T) {
 		if _, err := template.LoadArtifact(a2.Dir); err != nil {
 			t.Errorf("LoadArtifact: %v", err)
 		}
+
+		// build-1 deleted, a collection that keeps no cache beyond live
+		// builds removes its artifact (build-2 shares its snapshot's
+		// files) and keeps the layers build-2 builds on, read from the
+		// headers QEMU wrote: build-2 still starts, and its steps are
+		// still cached for the next subtest.
+		res, err := template.CollectGarbage(t.Context(), template.GCOptions{
+			DataDir: dataDir, CacheMax: 0,
+			Live: func(context.Context) ([]string, error) { return []string{a2.Dir}, nil },
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("collection: %+v", res)
+		if _, err := os.Stat(a.Dir); !os.IsNotExist(err) || res.Removed["artifact"] != 1 || res.Removed["layer"] != 0 {
+			t.Errorf("after the collection build-1's artifact: %v; removed %v, want build-1's artifact alone", err, res.Removed)
+		}
+		proc, token := restore(t, pool, a2)
+		if got := strings.TrimSpace(run(t, proc, token, "cat /opt/marker ~/who")); got != "built-by-root\nalice" {
+			t.Errorf("a sandbox of build-2 after the collection read %q", got)
+		}
 	})
 
 	t.Run("a changed step reruns from there", func(t *testing.T) {

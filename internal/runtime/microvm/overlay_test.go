@@ -37,7 +37,7 @@ func TestWriteOverlay(t *testing.T) {
 		{"over a qcow2 overlay", upper, filepath.Join(dir, "over-raw.qcow2"), "qcow2", l2Coverage + 3<<20 + 512},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if err := writeOverlay(tc.path, tc.backing, tc.format); err != nil {
+			if err := WriteOverlay(tc.path, tc.backing, tc.format); err != nil {
 				t.Fatal(err)
 			}
 			if out, err := exec.Command("qemu-img", "check", tc.path).CombinedOutput(); err != nil {
@@ -77,13 +77,49 @@ func TestWriteOverlay(t *testing.T) {
 			{"an unknown format", filepath.Join(dir, "x3"), raw, "vmdk", "not one of raw, qcow2"},
 			{"a raw file as qcow2", filepath.Join(dir, "x4"), raw, "qcow2", "not a qcow2 image"},
 		} {
-			err := writeOverlay(tc.path, tc.backing, tc.format)
+			err := WriteOverlay(tc.path, tc.backing, tc.format)
 			if err == nil || !strings.Contains(err.Error(), tc.want) {
-				t.Errorf("%s: writeOverlay = %v, want an error containing %q", tc.name, err, tc.want)
+				t.Errorf("%s: WriteOverlay = %v, want an error containing %q", tc.name, err, tc.want)
 			}
 		}
 		if _, err := os.Stat(filepath.Join(dir, "x3")); err == nil {
-			t.Error("a failed writeOverlay left a file behind")
+			t.Error("a failed WriteOverlay left a file behind")
 		}
 	})
+}
+
+// TestBackingFile reads the backing file names of overlays as WriteOverlay
+// and qemu-img write them, relative ones resolved as QEMU does, and finds
+// none in raw images.
+func TestBackingFile(t *testing.T) {
+	dir := t.TempDir()
+	raw := filepath.Join(dir, "base.ext4")
+	if err := os.WriteFile(raw, make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mid := filepath.Join(dir, "mid.qcow2")
+	if err := WriteOverlay(mid, raw, "raw"); err != nil {
+		t.Fatal(err)
+	}
+	want := map[string]string{raw: "", mid: raw}
+	if _, err := exec.LookPath("qemu-img"); err == nil {
+		top := filepath.Join(dir, "top.qcow2")
+		out, err := exec.Command("qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", "mid.qcow2", top).CombinedOutput()
+		if err != nil {
+			t.Fatalf("qemu-img create: %v\n%s", err, out)
+		}
+		want[top] = mid
+	}
+	short := filepath.Join(dir, "short")
+	os.WriteFile(short, []byte("QF"), 0o644)
+	want[short] = ""
+	for path, backing := range want {
+		got, err := BackingFile(path)
+		if err != nil || got != backing {
+			t.Errorf("BackingFile(%s) = %q, %v; want %q", filepath.Base(path), got, err, backing)
+		}
+	}
+	if _, err := BackingFile(filepath.Join(dir, "none")); !os.IsNotExist(err) {
+		t.Errorf("BackingFile of a missing file: %v, want not-exist", err)
+	}
 }

@@ -389,7 +389,7 @@ func (r *Runtime) machine(spec runtime.Spec, v *VM, moved *moves) (m Machine, fo
 	if err != nil {
 		return m, "", err
 	}
-	if err := writeOverlay(m.RootDisk, root, format); err != nil {
+	if err := WriteOverlay(m.RootDisk, root, format); err != nil {
 		return m, "", err
 	}
 	m.CPUs, m.MemoryMiB = spec.CPUs, spec.MemoryMiB
@@ -442,7 +442,7 @@ func (r *Runtime) restoreMachine(spec runtime.Spec, v *VM, m Machine, moved *mov
 		m.MemoryFile = mem
 		// The disk as it was at the save, under this VM's own overlay.
 		v.rec.DiskBacking = disk
-		return m, snap.Memory, writeOverlay(m.RootDisk, disk, "qcow2")
+		return m, snap.Memory, WriteOverlay(m.RootDisk, disk, "qcow2")
 	case snap.Memory == MemoryInFile:
 		m.MemoryFile, m.MemoryShared = v.path(memFile), true
 		if err := moved.move(mem, m.MemoryFile); err != nil {
