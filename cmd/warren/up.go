@@ -30,8 +30,10 @@ Runs warren on this host: the E2B REST API and the sandbox proxy on one
 listener, the node that runs microVM sandboxes, and the base template (built on
 first start: several minutes). On an empty data dir it creates the team
 "default" and an API key, printed once and written to DATA/api-key (0600).
-Prints the E2B_* lines to paste, then "ready". SIGTERM or Ctrl-C stops it and
-kills its running sandboxes (they do not survive a restart).
+Prints the E2B_* lines to paste, then "ready". SIGTERM or Ctrl-C stops it:
+running sandboxes created with autoPause (lifecycle.onTimeout "pause") are
+paused, as at their deadline, and resume after a restart; the others are
+killed, as is what is not paused within --shutdown-timeout.
 
 Flags (each also read from the environment variable shown):
 `)
@@ -62,6 +64,7 @@ Flags (each also read from the environment variable shown):
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
 	cacheMax := templateCacheMax(e)
+	shutdownTimeout := e.Duration("shutdown-timeout", "WARREN_SHUTDOWN_TIMEOUT", server.DefaultShutdownTimeout, "at shutdown, time from the signal to pause the running sandboxes with autoPause; those not paused by then are killed (a service manager's stop timeout must allow this and a few seconds more)")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_VERBOSE") == "true", "debug logging (WARREN_VERBOSE=true)")
 	fs.Parse(args)
 	if err := e.err(); err != nil {
@@ -88,7 +91,10 @@ Flags (each also read from the environment variable shown):
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
-		TemplateCacheMax: templateCache,
+		TemplateCacheMax: templateCache, ShutdownTimeout: *shutdownTimeout,
+	}
+	if cfg.ShutdownTimeout <= 0 {
+		return fmt.Errorf("--shutdown-timeout must be positive, got %s", cfg.ShutdownTimeout)
 	}
 	level := slog.LevelInfo
 	if *verbose {

@@ -33,6 +33,9 @@ type fakeNode struct {
 	resumes []string        // IDs Create resumed
 	// createGate, when set, holds every Create until it is closed.
 	createGate chan struct{}
+	// pauseHook, when set, runs first in every Pause; an error fails the
+	// Pause with the sandbox left running.
+	pauseHook func(ctx context.Context, id string) error
 }
 
 func (n *fakeNode) ID() string { return "node-1" }
@@ -474,6 +477,11 @@ func TestBootstrap(t *testing.T) {
 // Pause saves a running sandbox under a key and stops it; Create with
 // Resume = key brings it back and consumes the key.
 func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.PausedSandbox, error) {
+	if n.pauseHook != nil {
+		if err := n.pauseHook(ctx, id); err != nil {
+			return nil, err
+		}
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if _, ok := n.running[id]; !ok {

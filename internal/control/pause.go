@@ -73,8 +73,8 @@ func (c *Controller) Pause(ctx context.Context, team *store.Team, id string, mem
 }
 
 // finishPause has the node save a sandbox marked pausing and records it
-// paused. If the node fails, a sandbox it still runs goes back to running; one
-// it lost is forgotten.
+// paused. If the node fails (or ctx ends first), a sandbox it still runs goes
+// back to running; one it lost is forgotten.
 func (c *Controller) finishPause(ctx context.Context, sb *store.Sandbox, memory bool) error {
 	route, routed := c.catalog.Get(sb.ID)
 	// Unroute first: from here the proxy answers 502 (or auto-resumes) and
@@ -84,6 +84,10 @@ func (c *Controller) finishPause(ctx context.Context, sb *store.Sandbox, memory 
 	c.metrics.forget(sb.ID)
 
 	saved, err := c.node.Pause(ctx, sb.ID, memory)
+	// ctx bounds the node's work only: what happened is recorded even when
+	// it ended meanwhile (a shutdown's deadline), or the row would stay
+	// pausing.
+	ctx = context.WithoutCancel(ctx)
 	if err != nil {
 		c.undoPause(ctx, sb, route, routed, err)
 		if errors.Is(err, node.ErrBusy) {

@@ -58,6 +58,10 @@ type Config struct {
 	// template.NoCacheLimit: no bound). The zero value keeps only what costs
 	// nothing.
 	TemplateCacheMax int64
+	// ShutdownTimeout bounds, from the signal on, how long the shutdown
+	// spends pausing the sandboxes with autoPause; those not paused by then
+	// are killed (0 = DefaultShutdownTimeout).
+	ShutdownTimeout time.Duration
 
 	// OnBasePool, when set, is called once the base template is ready with
 	// a handle on its warm pool: a program running warren in its own
@@ -77,6 +81,11 @@ func (p *BasePool) Resize(size int) error { return p.node.SetWarmPool(p.dir, siz
 
 // Ready reports how many warm VMs wait, and the pool's size.
 func (p *BasePool) Ready() (ready, size int) { return p.node.WarmPool(p.dir) }
+
+// DefaultShutdownTimeout is Config.ShutdownTimeout unless set: under TCG a
+// pause takes about a second plus the time to write the sandbox's RAM, so
+// this pauses dozens.
+const DefaultShutdownTimeout = 2 * time.Minute
 
 // TLS modes.
 var tlsModes = []string{"off", "self-signed", "files"}
@@ -110,6 +119,9 @@ func (c *Config) Validate() error {
 	}
 	if c.BuildConcurrency < 0 || c.MaxUploadBytes < 0 || c.WarmPool < 0 {
 		return fmt.Errorf("--build-concurrency, --max-upload-mb and --warm-pool cannot be negative")
+	}
+	if c.ShutdownTimeout < 0 {
+		return fmt.Errorf("--shutdown-timeout cannot be negative, got %s", c.ShutdownTimeout)
 	}
 	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
 		return fmt.Errorf("sandbox limits cannot be negative")

@@ -24,6 +24,7 @@ func TestConfigValidate(t *testing.T) {
 		{"no data dir", func(c *Config) { c.DataDir = "" }, "--data-dir is empty"},
 		{"zero lifetime", func(c *Config) { c.MaxLifetime = 0 }, "--max-sandbox-lifetime must be positive"},
 		{"negative limit", func(c *Config) { c.MaxSandboxes = -1 }, "cannot be negative"},
+		{"negative shutdown timeout", func(c *Config) { c.ShutdownTimeout = -time.Second }, "--shutdown-timeout cannot be negative"},
 		{"domain with scheme", func(c *Config) { c.Domain = "https://x.example" }, "must be a bare DNS name"},
 	}
 	for _, c := range cases {

@@ -2,13 +2,20 @@
 // the store, the base template, the node that runs microVMs, the control
 // plane, the E2B REST API and the sandbox proxy, behind one listener.
 //
-// Lifecycle of sandboxes across restarts: a node starts empty (its network
-// slots are reset at start), so sandboxes do not survive a restart of warren.
-// On SIGTERM warren kills its running sandboxes before it exits; after a crash
-// the next start kills what is left and forgets the stored sandboxes.
+// Lifecycle of sandboxes across restarts: a VM does not outlive warren (a
+// node starts empty: its network slots are reset at start), but a paused
+// sandbox does: its saved state is in the blob storage and its row in the
+// store, and it resumes after a restart (connect, or traffic with
+// autoResume). So on SIGTERM warren stops the sandboxes of its own node the
+// way their owners asked: those created with autoPause (lifecycle.onTimeout
+// "pause") are paused as at their deadline, a few at a time, within
+// Config.ShutdownTimeout, and the others are killed, as is any whose pause
+// does not finish in time. After a crash the next start kills the VMs that
+// are left and forgets the sandboxes that were running (control.Reconcile).
 package server
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -19,6 +26,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"strings"
 	"time"
 
@@ -39,7 +47,8 @@ import (
 )
 
 // Run starts every role, prints the connection details to out once ready, and
-// serves until ctx is done; then it shuts down and kills running sandboxes.
+// serves until ctx is done; then it shuts down, pausing the running sandboxes
+// with autoPause and killing the others (see the package comment).
 func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error {
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -189,17 +198,32 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		}
 	}
 	log.Info("shutting down")
+	deadline := time.Now().Add(cmp.Or(cfg.ShutdownTimeout, DefaultShutdownTimeout))
 	stop()
 	if !ctlEnded {
-		<-ctlDone // it waits for pauses in flight, which must end before the kills below
+		<-ctlDone // it waits for pauses in flight, which must end before the stops below
 	}
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	// Requests in flight get up to 10 s (within the deadline): none may start,
+	// pause or resume a sandbox once the sandboxes are being stopped.
+	serveEnd := time.Now().Add(10 * time.Second)
+	if deadline.Before(serveEnd) {
+		serveEnd = deadline
+	}
+	serveCtx, cancel := context.WithDeadline(context.Background(), serveEnd)
 	defer cancel()
-	srv.Shutdown(shutdownCtx)
+	srv.Shutdown(serveCtx)
 	<-buildsDone // builds in flight were cancelled by stop() and record their end
-	killAll(shutdownCtx, st, ctl, team, log)
+	stopCtx, cancelStop := context.WithDeadline(context.Background(), deadline)
+	defer cancelStop()
+	ctl.Shutdown(stopCtx, shutdownParallel())
 	return runErr
 }
+
+// shutdownParallel is how many sandboxes are paused at once at shutdown. A
+// pause keeps a CPU busy (saving the VM; under TCG the guest's vCPUs too
+// until they stop) and writes its RAM to disk: more pauses than CPUs only
+// share them, and beyond a few they share one disk.
+func shutdownParallel() int { return min(goruntime.NumCPU(), 4) }
 
 func openStore(ctx context.Context, cfg Config) (store.Store, error) {
 	if cfg.DatabaseURL != "" {
@@ -313,25 +337,6 @@ func listenerTLS(cfg Config) (*tls.Config, string, error) {
 		return c, "", err
 	}
 	return nil, "", nil
-}
-
-// killAll stops the default team's running sandboxes at shutdown: they cannot
-// outlive this process (see the package comment).
-func killAll(ctx context.Context, st store.Store, ctl *control.Controller, team *store.Team, log *slog.Logger) {
-	list, err := st.ListSandboxes(ctx, store.SandboxFilter{States: []store.SandboxState{store.StateRunning}})
-	if err != nil {
-		log.Error("list sandboxes at shutdown", "err", err)
-		return
-	}
-	for _, sb := range list {
-		t, err := st.GetTeam(ctx, sb.TeamID)
-		if err != nil {
-			t = team
-		}
-		if err := ctl.Kill(ctx, t, sb.ID); err != nil {
-			log.Error("kill sandbox at shutdown", "sandbox", sb.ID, "err", err)
-		}
-	}
 }
 
 func printReady(out io.Writer, cfg Config, addr net.Addr, tlsOn bool, caPath, newKey, keyFile string) {

@@ -232,8 +232,9 @@ WARREN_DATA=${WARREN_COMPAT_DATA_DIR:-/var/tmp/warren-test-cache}
 WARREN_API_KEY=e2b_0c0ffee00c0ffee00c0ffee00c0ffee00c0ffee0
 # A cold base build takes minutes; 15 min leaves room for a slow mirror.
 WARREN_READY_TIMEOUT=${WARREN_COMPAT_READY_TIMEOUT:-900}
-# SIGTERM makes warren kill its sandboxes before it exits.
-WARREN_STOP_TIMEOUT=90
+# SIGTERM makes warren pause its sandboxes with autoPause (within its
+# --shutdown-timeout, 2 min by default) and kill the others before it exits.
+WARREN_STOP_TIMEOUT=150
 WARREN_LOG_LINES=300
 WARREN_PID=
 WARREN_LOG=
@@ -328,8 +329,8 @@ descendants() {
 	done
 }
 
-# stop_warren stops the warren this script started, by PID: SIGTERM (it kills
-# its sandboxes on the way out), then, after WARREN_STOP_TIMEOUT, SIGKILL to it
+# stop_warren stops the warren this script started, by PID: SIGTERM (it pauses
+# or kills its sandboxes on the way out), then, after WARREN_STOP_TIMEOUT, SIGKILL to it
 # and to every process it had started. Safe to call twice.
 stop_warren() {
 	[[ -n $WARREN_PID ]] || return 0

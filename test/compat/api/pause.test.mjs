@@ -3,15 +3,15 @@
 // connect, with files, memory (/dev/shm) and a running process kept, twice;
 // a disk-only pause; auto-pause at the deadline; auto-resume by traffic to a
 // <port>-<id> host; a snapshot started as a template; three forks; and a
-// paused sandbox that outlives a restart of warren (run.sh's api stage
-// restarts it on SIGUSR1). The restart test runs last: the restart kills
-// every running sandbox.
+// restart of warren (run.sh's api stage restarts it on SIGUSR1), which a
+// paused sandbox outlives, which pauses a running one with autoPause and
+// kills the others. The restart tests run last.
 import assert from 'node:assert/strict'
 import { readFileSync } from 'node:fs'
 import { request } from 'node:http'
-import { after, describe, it } from 'node:test'
-import { Sandbox } from 'e2b'
-import { HOME, proxyFetch, sandboxUrl, startHttpServer, uniqueName, waitFor } from '../helpers.mjs'
+import { after, before, describe, it } from 'node:test'
+import { Sandbox, SandboxNotFoundError } from 'e2b'
+import { HOME, proxyFetch, rejection, sandboxUrl, startHttpServer, uniqueName, waitFor } from '../helpers.mjs'
 
 // Saving and restoring memory under TCG takes a while.
 const opts = { timeout: 10 * 60_000 }
@@ -227,17 +227,34 @@ async function restartWarren() {
   }, 5 * 60_000, 500)
 }
 
-describe('warren restart', opts, () => {
-  const canRestart = process.env.WARREN_COMPAT_PID_FILE && process.env.WARREN_COMPAT_STAGE_PID
-  it('a paused sandbox survives it with its files, memory and processes', { skip: !canRestart && 'needs ./run.sh api' }, async () => {
-    const sb = await create()
-    const state = await markState(sb)
-    assert.equal(await sb.pause(), true)
+const canRestart = process.env.WARREN_COMPAT_PID_FILE && process.env.WARREN_COMPAT_STAGE_PID
+
+// One restart for all three: a paused sandbox, a running one with autoPause
+// (SIGTERM pauses it) and a running one without (SIGTERM kills it).
+describe('warren restart', { ...opts, skip: !canRestart && 'needs ./run.sh api' }, () => {
+  const sandboxes = {}
+  before(async () => {
+    for (const [name, extra] of [['paused', {}], ['autoPaused', { lifecycle: { onTimeout: 'pause' } }], ['plain', {}]]) {
+      const sb = await create(extra)
+      sandboxes[name] = { sb, state: name === 'plain' ? null : await markState(sb) }
+    }
+    assert.equal(await sandboxes.paused.sb.pause(), true)
     await restartWarren()
-    assert.equal((await Sandbox.getInfo(sb.sandboxId)).state, 'paused')
-    const again = await Sandbox.connect(sb.sandboxId)
-    assert.ok(await hasFile(again, state), 'file lost')
-    assert.ok(await hasMemory(again, state), 'memory lost')
-    assert.ok(await hasProcess(again, state), 'process lost')
+  })
+
+  for (const [name, what] of [['paused', 'a paused sandbox survives it'], ['autoPaused', 'a running sandbox with autoPause is paused by it']]) {
+    it(`${what} with its files, memory and processes`, async () => {
+      const { sb, state } = sandboxes[name]
+      assert.equal((await Sandbox.getInfo(sb.sandboxId)).state, 'paused')
+      const again = await Sandbox.connect(sb.sandboxId)
+      assert.ok(await hasFile(again, state), 'file lost')
+      assert.ok(await hasMemory(again, state), 'memory lost')
+      assert.ok(await hasProcess(again, state), 'process lost')
+    })
+  }
+
+  it('a running sandbox without autoPause is killed by it', async () => {
+    const err = await rejection(Sandbox.getInfo(sandboxes.plain.sb.sandboxId))
+    assert.ok(err instanceof SandboxNotFoundError, `got ${err?.constructor?.name}: ${err?.message}`)
   })
 })
