@@ -59,6 +59,7 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 		reply.Error(w, http.StatusUnauthorized, unauthorizedMessage)
 		return
 	}
+	began := time.Now()
 	var req initRequest
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxInitBody))
 	if err != nil {
@@ -89,16 +90,20 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	timing := serverTiming{last: began}
+	timing.mark("parse")
 	if len(req.DNS) > 0 && s.cfg.InVM {
 		if err := os.WriteFile("/etc/resolv.conf", resolvConf(req.DNS), 0o644); err != nil {
 			s.cfg.Log.Warn("write /etc/resolv.conf", "err", err)
 		}
 	}
+	timing.mark("dns")
 	if req.Timestamp != nil && s.cfg.InVM {
 		if err := setClock(*req.Timestamp); err != nil {
 			s.cfg.Log.Error("set clock from /init", "err", err)
 		}
 	}
+	timing.mark("clock")
 	// Like the clock, the kernel RNG is the VM's own only in a VM (InVM).
 	// A clone that cannot reseed must not run: it would share its keys.
 	if len(req.Entropy) > 0 && s.cfg.InVM {
@@ -107,12 +112,14 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
+	timing.mark("rng")
 	s.state.MergeEnvVars(req.EnvVars)
 	if s.cfg.InVM {
 		if err := writeSandboxFiles(s.state.EnvVars()); err != nil {
 			s.cfg.Log.Warn("write /run/e2b", "err", err)
 		}
 	}
+	timing.mark("files")
 	if req.DefaultUser != nil && *req.DefaultUser != "" {
 		s.state.SetDefaultUser(*req.DefaultUser)
 	}
@@ -123,8 +130,25 @@ func (s *Server) handleInit(w http.ResponseWriter, r *http.Request) {
 		s.state.SetAccessToken(*req.AccessToken)
 	}
 	w.Header().Set("X-Envd-Version", version.EnvdVersion)
+	w.Header().Set("Server-Timing", timing.String())
 	w.WriteHeader(http.StatusNoContent)
 }
+
+// serverTiming is /init's Server-Timing header (W3C Server Timing): how long
+// each step took in the guest, for the node's debug log.
+type serverTiming struct {
+	last  time.Time
+	steps []string
+}
+
+// mark ends the step name: its time since the previous mark.
+func (t *serverTiming) mark(name string) {
+	now := time.Now()
+	t.steps = append(t.steps, fmt.Sprintf("%s;dur=%.3f", name, float64(now.Sub(t.last).Microseconds())/1000))
+	t.last = now
+}
+
+func (t *serverTiming) String() string { return strings.Join(t.steps, ", ") }
 
 // resolvConf is /etc/resolv.conf naming the given nameservers.
 func resolvConf(nameservers []string) []byte {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -53,6 +54,13 @@ func TestInitAnswersWithVersion(t *testing.T) {
 	}
 	if v := resp.Header.Get("X-Envd-Version"); !atLeast(v, 0, 6, 4) {
 		t.Fatalf("X-Envd-Version = %q, want a version >= 0.6.4", v)
+	}
+	// Each step's time in the guest, for the node's debug log.
+	st := resp.Header.Get("Server-Timing")
+	for _, step := range []string{"parse", "dns", "clock", "rng", "files"} {
+		if !regexp.MustCompile(`(^|, )` + step + `;dur=[0-9]+\.[0-9]{3}(,|$)`).MatchString(st) {
+			t.Errorf("Server-Timing %q lacks step %s", st, step)
+		}
 	}
 }
 

@@ -557,6 +557,7 @@ func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec Sandbo
 	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/init", bytes.NewReader(b))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set(envd.InitSecretHeader, secret)
+	sent := time.Now()
 	resp, err := m.client.Do(req)
 	if err != nil {
 		return "", fmt.Errorf("envd /init: %w", err)
@@ -566,6 +567,7 @@ func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec Sandbo
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		return "", fmt.Errorf("envd /init answered %s: %s", resp.Status, bytes.TrimSpace(msg))
 	}
+	m.log.Debug("envd /init", "url", base, "took", time.Since(sent).Round(time.Microsecond), "guest", resp.Header.Get("Server-Timing"))
 	return resp.Header.Get("X-Envd-Version"), nil
 }
 
