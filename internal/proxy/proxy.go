@@ -23,6 +23,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
+	"strings"
 	"sync"
 )
 
@@ -78,8 +79,12 @@ type Proxy struct {
 	inflight map[string]map[*inflightRequest]struct{} // by sandbox ID
 }
 
-// inflightRequest is one proxied request that Abort can cut.
-type inflightRequest struct{ cancel context.CancelCauseFunc }
+// inflightRequest is one proxied request that Abort can cut; stream marks a
+// Connect streaming call (AbortStreams).
+type inflightRequest struct {
+	cancel context.CancelCauseFunc
+	stream bool
+}
 
 // errAborted is the cancel cause of requests cut by Abort.
 var errAborted = errors.New("sandbox stopped")
@@ -134,10 +139,39 @@ func (p *Proxy) Abort(sandboxID string) {
 	p.upstream.closeIdle()
 }
 
+// AbortStreams cuts every Connect streaming call in flight (a command's
+// output, a directory watch), of every sandbox, as Abort does. A server
+// shutting down calls it: such streams end only when their command does, so
+// waiting for requests in flight would otherwise wait for them to time out,
+// while unary calls and file transfers end by themselves and may finish.
+func (p *Proxy) AbortStreams() {
+	p.mu.Lock()
+	var cut []*inflightRequest
+	for _, reqs := range p.inflight {
+		for req := range reqs {
+			if req.stream {
+				cut = append(cut, req)
+			}
+		}
+	}
+	p.mu.Unlock()
+	for _, req := range cut {
+		req.cancel(errAborted)
+	}
+}
+
+// isStream reports whether r is a Connect streaming call: the Connect
+// protocol's streaming content types (application/connect+json, +proto);
+// its unary calls are application/json or application/proto. gRPC uses one
+// content type for both kinds, so its calls count as unary.
+func isStream(r *http.Request) bool {
+	return strings.HasPrefix(r.Header.Get("Content-Type"), "application/connect+")
+}
+
 // track registers a request of sandboxID for Abort; done unregisters it.
-func (p *Proxy) track(ctx context.Context, sandboxID string) (_ context.Context, done func()) {
+func (p *Proxy) track(ctx context.Context, sandboxID string, stream bool) (_ context.Context, done func()) {
 	ctx, cancel := context.WithCancelCause(ctx)
-	req := &inflightRequest{cancel: cancel}
+	req := &inflightRequest{cancel: cancel, stream: stream}
 	p.mu.Lock()
 	if p.inflight[sandboxID] == nil {
 		p.inflight[sandboxID] = map[*inflightRequest]struct{}{}
@@ -173,7 +207,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
 	}
 	// Tracked before the lookup: an Abort between lookup and forwarding still
 	// reaches this request.
-	ctx, done := p.track(r.Context(), d.sandboxID)
+	ctx, done := p.track(r.Context(), d.sandboxID, isStream(r))
 	defer done()
 	r = r.WithContext(ctx)
 

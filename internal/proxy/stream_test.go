@@ -340,6 +340,80 @@ func TestAbortCutsStreams(t *testing.T) {
 	}
 }
 
+// A server shutting down cuts the Connect streams (which end only with their
+// command) and lets other requests in flight finish.
+func TestAbortStreamsCutsOnlyStreams(t *testing.T) {
+	e := newEnv(t)
+	sb := e.startSandbox(t, "sb")
+	slow := userServer(t, sb.ip, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(500 * time.Millisecond)
+		io.WriteString(w, "done")
+	}))
+	client := e.server.Client()
+
+	stream := rawStart(t, client, e.server.URL, routed("sb", EnvdPort), "echo a; sleep 30")
+	defer stream.Body.Close()
+	pid, _ := untilStdout(t, stream.Body)
+	defer killProcess(t, sb, pid)
+
+	type answer struct {
+		status int
+		body   string
+		err    error
+	}
+	unary := make(chan answer, 1)
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, e.server.URL+"/slow", nil)
+		for k, v := range routed("sb", slow) {
+			req.Header.Set(k, v)
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			unary <- answer{err: err}
+			return
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		unary <- answer{status: resp.StatusCode, body: string(b), err: err}
+	}()
+	time.Sleep(100 * time.Millisecond) // the slow request is in flight
+	aborted := time.Now()
+	e.proxy.AbortStreams()
+
+	ended := make(chan error, 1)
+	go func() {
+		for {
+			if _, _, err := readEnvelope(stream.Body); err != nil {
+				ended <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-ended:
+		if !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Errorf("stream ended with %v, want it cut (unexpected EOF)", err)
+		}
+		if elapsed := time.Since(aborted); elapsed > time.Second {
+			t.Errorf("stream ended %v after AbortStreams, want < 1s", elapsed)
+		}
+	case <-time.After(2 * time.Second):
+		t.Fatal("stream still open 2s after AbortStreams")
+	}
+	select {
+	case r := <-unary:
+		if r.err != nil || r.status != http.StatusOK || r.body != "done" {
+			t.Errorf("the unary request in flight got %d %q (%v), want 200 done", r.status, r.body, r.err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the unary request in flight did not end")
+	}
+	// The sandbox still serves new requests.
+	if r := e.do(t, request{method: "GET", path: "/health", headers: routed("sb", EnvdPort)}); r.status != http.StatusNoContent {
+		t.Errorf("/health after AbortStreams: %d", r.status)
+	}
+}
+
 func TestWebSocket(t *testing.T) {
 	e := newEnv(t)
 	ip := loopbackIP()

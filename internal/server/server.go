@@ -144,6 +144,10 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		IdleTimeout:       620 * time.Second,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelDebug),
 	}
+	// Command and watch streams end only with their command: at shutdown
+	// they are cut at once (as when their sandbox stops), so that waiting
+	// for requests in flight waits for the ones that end by themselves.
+	srv.RegisterOnShutdown(px.AbortStreams)
 
 	runCtx, stop := context.WithCancel(ctx)
 	defer stop()
@@ -204,7 +208,8 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		<-ctlDone // it waits for pauses in flight, which must end before the stops below
 	}
 	// Requests in flight get up to 10 s (within the deadline): none may start,
-	// pause or resume a sandbox once the sandboxes are being stopped.
+	// pause or resume a sandbox once the sandboxes are being stopped. Connect
+	// streams are cut at once (RegisterOnShutdown above).
 	serveEnd := time.Now().Add(10 * time.Second)
 	if deadline.Before(serveEnd) {
 		serveEnd = deadline

@@ -312,6 +312,37 @@ func (w *warren) run(t *testing.T, sb sandbox, script string) string {
 	return ""
 }
 
+// follow starts script in the sandbox through warren's proxy, waits for its
+// first output and returns a channel that receives how the stream ended.
+func (w *warren) follow(t *testing.T, sb sandbox, script string) <-chan error {
+	t.Helper()
+	client := processconnect.NewProcessClient(http.DefaultClient, w.url)
+	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-c", script}}})
+	req.Header().Set("E2b-Sandbox-Id", sb.ID)
+	req.Header().Set("E2b-Sandbox-Port", "49983")
+	req.Header().Set("X-Access-Token", sb.Token)
+	stream, err := client.Start(context.Background(), req)
+	if err != nil {
+		t.Fatalf("%s: %q: %v", sb.ID, script, err)
+	}
+	started := false
+	for !started && stream.Receive() {
+		started = len(stream.Msg().GetEvent().GetData().GetStdout()) > 0
+	}
+	if !started {
+		stream.Close()
+		t.Fatalf("%s: %q printed nothing: %v", sb.ID, script, stream.Err())
+	}
+	ended := make(chan error, 1)
+	go func() {
+		defer stream.Close()
+		for stream.Receive() {
+		}
+		ended <- stream.Err()
+	}()
+	return ended
+}
+
 // counterScript starts a background loop that counts into /tmp/count (RAM:
 // a tmpfs) and prints its pid.
 const counterScript = `setsid bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 & echo $!`
@@ -371,10 +402,23 @@ func TestShutdownPausesAutoPauseSandboxes(t *testing.T) {
 	keep, gone := w.create(t, true), w.create(t, false)
 	pid := strings.TrimSpace(w.run(t, keep, "echo kept > ~/file && "+counterScript))
 	count := w.countsOn(t, keep, pid, 0)
+	// A client follows a long command: its stream must not hold up the
+	// shutdown (requests in flight get up to 10 s, streams are cut at once).
+	streamEnded := w.follow(t, gone, "echo started; sleep 600")
 
 	began := time.Now()
 	w.stop(t)
-	t.Logf("shutdown took %s", time.Since(began).Round(time.Millisecond))
+	took := time.Since(began)
+	t.Logf("shutdown took %s", took.Round(time.Millisecond))
+	if took > 8*time.Second {
+		t.Errorf("shutdown took %s with a command stream open, want it cut at once (well under the 10 s for requests in flight)", took.Round(time.Millisecond))
+	}
+	select {
+	case err := <-streamEnded:
+		t.Logf("the open command stream ended with: %v", err)
+	case <-time.After(5 * time.Second):
+		t.Error("the open command stream did not end with the shutdown")
+	}
 	rows := storedStates(t)
 	if sb := rows[keep.ID]; sb == nil || sb.State != store.StatePaused || sb.Paused == nil || !sb.Paused.Memory {
 		t.Errorf("the autoPause sandbox is stored as %+v, want paused with its memory", sb)
