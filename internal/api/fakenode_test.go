@@ -192,6 +192,19 @@ func (n *fakeNode) Pause(ctx context.Context, id string, memory bool) (*node.Pau
 	return &node.PausedSandbox{Key: key, Memory: memory, Bytes: 4096}, nil
 }
 
+// Paused finds the latest state Pause saved for id.
+func (n *fakeNode) Paused(ctx context.Context, id string) (*node.PausedSandbox, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for i := len(n.pauses); i > 0; i-- {
+		key := fmt.Sprintf("paused/%s/%d", id, i)
+		if _, ok := n.saved[key]; ok {
+			return &node.PausedSandbox{Key: key, Memory: n.pauses[i-1].memory, Bytes: 4096}, nil
+		}
+	}
+	return nil, node.ErrNotFound
+}
+
 func (n *fakeNode) DeletePaused(ctx context.Context, key string) error {
 	n.mu.Lock()
 	defer n.mu.Unlock()

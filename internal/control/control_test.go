@@ -501,6 +501,17 @@ func (n *fakeNode) DeletePaused(ctx context.Context, key string) error {
 	return nil
 }
 
+func (n *fakeNode) Paused(ctx context.Context, id string) (*node.PausedSandbox, error) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	key := "paused/" + id
+	memory, ok := n.saved[key]
+	if !ok {
+		return nil, node.ErrNotFound
+	}
+	return &node.PausedSandbox{Key: key, Memory: memory, Bytes: 1 << 20}, nil
+}
+
 func (n *fakeNode) Snapshot(ctx context.Context, id, key string) (string, error) {
 	n.mu.Lock()
 	defer n.mu.Unlock()

@@ -56,12 +56,17 @@ func TestReconcileKeepsPausedSandboxes(t *testing.T) {
 		must(t, err)
 	}
 	f.node.run("pausedvm2", "pausingvm4", "resumingvm6")
+	// The node saved this one, but warren stopped before the store knew.
+	f.sandbox(t, "pausingsaved7", "node-1", store.StatePausing, later)
+	f.node.mu.Lock()
+	f.node.saved["paused/pausingsaved7"] = false
+	f.node.mu.Unlock()
 
 	c := control.New(f.config)
 	must(t, c.Reconcile(ctx))
 	for id, want := range map[string]store.SandboxState{
 		"paused1": store.StatePaused, "pausedvm2": store.StatePaused, "pausingvm4": store.StateRunning,
-		"resuming5": store.StatePaused, "resumingvm6": store.StateRunning,
+		"resuming5": store.StatePaused, "resumingvm6": store.StateRunning, "pausingsaved7": store.StatePaused,
 	} {
 		if got := f.state(t, id); got != want {
 			t.Errorf("%s: state %s, want %s", id, got, want)
@@ -77,6 +82,13 @@ func TestReconcileKeepsPausedSandboxes(t *testing.T) {
 		if _, err := c.Lookup(ctx, id); err != nil {
 			t.Errorf("%s is running again but not routed: %v", id, err)
 		}
+	}
+	if sb, err := f.store.GetSandbox(ctx, "pausingsaved7"); err != nil || sb.Paused == nil ||
+		sb.Paused.Key != "paused/pausingsaved7" || sb.Paused.Memory {
+		t.Errorf("the pause the node finished is recorded as %+v (%v), want its key, without memory", sb, err)
+	}
+	if sb, resumed, err := c.Connect(ctx, f.teamA, "pausingsaved7", time.Minute); err != nil || !resumed || sb.State != store.StateRunning {
+		t.Errorf("connect to the sandbox whose pause was recorded late: %+v resumed=%v err=%v", sb, resumed, err)
 	}
 	// The paused sandbox resumes after the restart.
 	sb, resumed, err := c.Connect(ctx, f.teamA, "paused1", time.Minute)

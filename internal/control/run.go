@@ -69,6 +69,8 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 				c.log.Error("kill VM of paused sandbox", "sandbox", sb.ID, "err", err)
 			}
 		case sb.State == store.StatePaused:
+		case sb.State == store.StatePausing && !alive && c.recordPause(ctx, sb.ID):
+			// The node saved it; the restart came before the store knew.
 		case (sb.State == store.StateRunning || sb.State == store.StatePausing) && !alive:
 			// A pause cut short left nothing recorded to resume from.
 			c.log.Warn("sandbox lost: the node no longer runs it", "sandbox", sb.ID, "state", sb.State)
@@ -94,6 +96,32 @@ func (c *Controller) Reconcile(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// recordPause records as paused a sandbox whose pause the node finished but
+// a restart kept from being recorded (warren stopped between the two); it
+// reports whether the node had the saved state.
+func (c *Controller) recordPause(ctx context.Context, id string) bool {
+	saved, err := c.node.Paused(ctx, id)
+	if err != nil {
+		if !errors.Is(err, node.ErrNotFound) {
+			c.log.Error("look for the saved state of a sandbox caught pausing", "sandbox", id, "err", err)
+		}
+		return false
+	}
+	c.log.Warn("recording the pause a restart cut short: the node had saved the sandbox", "sandbox", id, "key", saved.Key)
+	_, err = c.store.UpdateSandbox(ctx, id, func(s *store.Sandbox) error {
+		if s.State != store.StatePausing {
+			return errGone
+		}
+		s.State = store.StatePaused
+		s.Paused = &store.PausedState{Key: saved.Key, Memory: saved.Memory, Bytes: saved.Bytes, At: time.Now()}
+		return nil
+	})
+	if err != nil {
+		c.log.Error("record a sandbox's pause", "sandbox", id, "err", err)
+	}
+	return true
 }
 
 // settle moves a sandbox that a restart caught in transition to state (and

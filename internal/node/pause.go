@@ -206,6 +206,19 @@ func (m *Manager) readPaused(key, id string) (*pausedRecord, string, error) {
 	return &rec, filepath.Join(dir, pausedVMDir), nil
 }
 
+// Paused reads the record a finished Pause of id left (the save is moved
+// into place by one rename, so a record means the whole saved state).
+func (m *Manager) Paused(ctx context.Context, id string) (*PausedSandbox, error) {
+	key := PausedKey(id)
+	rec, _, err := m.readPaused(key, id)
+	if err != nil {
+		return nil, fmt.Errorf("node: paused %s: %w", id, err)
+	}
+	saved := &PausedSandbox{Key: key, Memory: rec.Memory}
+	saved.Bytes, _ = m.blobs.Size(ctx, key)
+	return saved, nil
+}
+
 // DeletePaused removes the paused sandbox saved under key; no error if it is
 // gone.
 func (m *Manager) DeletePaused(ctx context.Context, key string) error {

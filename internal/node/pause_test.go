@@ -55,6 +55,9 @@ func pauseSandbox(t testing.TB, m *node.Manager, id string, memory bool) *node.P
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
+	if _, err := m.Paused(ctx, id); !errors.Is(err, node.ErrNotFound) {
+		t.Errorf("Paused %s before its pause: %v, want ErrNotFound", id, err)
+	}
 	began := time.Now()
 	p, err := m.Pause(ctx, id, memory)
 	if err != nil {
@@ -63,6 +66,10 @@ func pauseSandbox(t testing.TB, m *node.Manager, id string, memory bool) *node.P
 	t.Logf("Pause %s (memory %v): %s, %d MiB saved", id, memory, time.Since(began).Round(time.Millisecond), p.Bytes>>20)
 	if p.Key != node.PausedKey(id) || p.Memory != memory || p.Bytes <= 0 {
 		t.Errorf("Pause returned %+v", p)
+	}
+	// What a restart finds when the pause was not recorded.
+	if found, err := m.Paused(ctx, id); err != nil || *found != *p {
+		t.Errorf("Paused %s = %+v, %v; want what Pause returned, %+v", id, found, err, p)
 	}
 	return p
 }

@@ -105,6 +105,10 @@ type Node interface {
 	Pause(ctx context.Context, id string, memory bool) (*PausedSandbox, error)
 	// DeletePaused removes what Pause saved under key; no error if it is gone.
 	DeletePaused(ctx context.Context, key string) error
+	// Paused returns what a finished Pause of sandbox id saved, ErrNotFound
+	// if there is none: a restart that cut short the recording of a pause
+	// finds the saved sandbox here.
+	Paused(ctx context.Context, id string) (*PausedSandbox, error)
 	// Snapshot saves a copy of a running sandbox, which keeps running, as a
 	// template artifact in the node's blob storage under key: a
 	// SandboxSpec.Artifact that new sandboxes start from (named snapshots,
