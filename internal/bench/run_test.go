@@ -68,7 +68,8 @@ func TestWarrenBench(t *testing.T) {
 	num := `[0-9]+(\.[0-9]+)?`
 	for _, want := range []string{
 		`\| accelerator \| (TCG|KVM)`,
-		`\| TTI p50 on a pool miss .* \| ` + num + ` \| ` + num + ` \(restore ` + num + ` \+ echo ` + num + `\) \| ` + num + `× \| .* \| (PASS|MISS) \|`,
+		`\| TTI p50 on a pool miss .* \| ` + num + ` \| ` + num + ` \(raw clone: restore ` + num + ` \+ its first echo ` + num + `; echo on a warm sandbox ` + num + `\) \| ` + num + `× \| .* \| (PASS|MISS) \|`,
+		"\\| floor: the raw clone's first `echo ready` \\(straight to envd\\) \\| 3 \\| " + num,
 		// The warm pool refills between the hit creates: at least one claims.
 		`\| TTI p50 on a pool hit \([1-3] of 3 creates claimed a warm VM\) \| ` + num + ` \| .* \| (PASS|MISS) \|`,
 		`\| TTI p90, burst of 2 \| ` + num + ` \| .* \| (PASS|MISS) \|`,
