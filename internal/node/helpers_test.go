@@ -167,7 +167,9 @@ func newManager(t testing.TB, cfg node.Config) *node.Manager {
 	}
 	cfg.ID = cmp.Or(cfg.ID, "test-node")
 	cfg.DataDir = cmp.Or(cfg.DataDir, cacheDir)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	// NewManager waits for the host's network slots while another pool (a
+	// VM test of another package, a bench, a warren) holds them.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	m, err := node.NewManager(ctx, cfg)
 	if err != nil {
