@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/apikey"
+	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
 	"github.com/warren-sh/warren/internal/server"
@@ -164,6 +165,16 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	if err := claimDataDir(o.DataDir); err != nil {
 		return nil, err
 	}
+	// A run owns its data dir throughout (its store, its VM states): a
+	// second run on the same one waits, rather than reset the first's store
+	// or remove its VMs' directories between the first's phases.
+	unlock, err := fslock.Lock(ctx, filepath.Join(o.DataDir, runLockFile), func() {
+		say("waiting for another bench run on %s to end", o.DataDir)
+	})
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
 	script, err := installSDK(ctx, o.SDKDir, filepath.Join(o.DataDir, "sdk"), progress)
 	if err != nil {
 		return nil, err
@@ -268,6 +279,9 @@ func Run(ctx context.Context, o Options) (*Results, error) {
 	res.Duration = time.Since(res.Started).Round(time.Second)
 	return res, nil
 }
+
+// runLockFile, in the data dir, is held by the bench run using it.
+const runLockFile = "bench.lock"
 
 // claimDataDir makes dir the bench's, refusing a warren data dir that is not:
 // the bench resets the store in it.
