@@ -284,15 +284,7 @@ func (w *warren) run(t *testing.T, sb sandbox, script string) string {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	client := processconnect.NewProcessClient(http.DefaultClient, w.url)
-	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-c", script}}})
-	req.Header().Set("E2b-Sandbox-Id", sb.ID)
-	req.Header().Set("E2b-Sandbox-Port", "49983")
-	req.Header().Set("X-Access-Token", sb.Token)
-	stream, err := client.Start(ctx, req)
-	if err != nil {
-		t.Fatalf("%s: %q: %v", sb.ID, script, err)
-	}
+	stream := w.start(ctx, t, sb, script)
 	defer stream.Close()
 	var out bytes.Buffer
 	for stream.Receive() {
@@ -312,19 +304,26 @@ func (w *warren) run(t *testing.T, sb sandbox, script string) string {
 	return ""
 }
 
-// follow starts script in the sandbox through warren's proxy, waits for its
-// first output and returns a channel that receives how the stream ended.
-func (w *warren) follow(t *testing.T, sb sandbox, script string) <-chan error {
+// start starts script with bash in the sandbox through warren's proxy.
+func (w *warren) start(ctx context.Context, t *testing.T, sb sandbox, script string) *connect.ServerStreamForClient[processpb.StartResponse] {
 	t.Helper()
 	client := processconnect.NewProcessClient(http.DefaultClient, w.url)
 	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-c", script}}})
 	req.Header().Set("E2b-Sandbox-Id", sb.ID)
 	req.Header().Set("E2b-Sandbox-Port", "49983")
 	req.Header().Set("X-Access-Token", sb.Token)
-	stream, err := client.Start(context.Background(), req)
+	stream, err := client.Start(ctx, req)
 	if err != nil {
 		t.Fatalf("%s: %q: %v", sb.ID, script, err)
 	}
+	return stream
+}
+
+// follow starts script in the sandbox through warren's proxy, waits for its
+// first output and returns a channel that receives how the stream ended.
+func (w *warren) follow(t *testing.T, sb sandbox, script string) <-chan error {
+	t.Helper()
+	stream := w.start(context.Background(), t, sb, script)
 	started := false
 	for !started && stream.Receive() {
 		started = len(stream.Msg().GetEvent().GetData().GetStdout()) > 0
