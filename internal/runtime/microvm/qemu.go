@@ -174,14 +174,16 @@ func cpuModel(a Accel) string { return map[Accel]string{KVM: "host", TCG: tcgCPU
 // (x2apic, tsc-deadline, pcid, invpcid) and warns about them.
 //
 // Left out, though TCG has them (-cpu max enables them all):
-//   - erms: the guest kernel (memcpy, copy_to_user, clear_page), glibc and
-//     Go's runtime then copy with rep movsb, which TCG runs one byte per
-//     iteration: with -cpu max a guest read /dev/zero at 255 MB/s against
-//     1.8 GB/s without erms, and uploads through envd slowed with it (the
-//     max build measured 48-52 MiB/s against 60-80);
-//   - monitor/mwait, pku, smap/smep/umip, la57, mpx, rdtscp, rdrand, adx and
-//     the rest of max: nothing a user binary requires, each one more guest
-//     kernel code path (and XSAVE state, for pku and mpx) to emulate.
+//   - erms: the guest kernel (memcpy, copy_to_user, clear_page) and glibc's
+//     memcpy then copy with rep movsb, which TCG runs one byte per
+//     iteration: under -cpu max a guest read /dev/zero at 255 MB/s against
+//     1.4-2.4 GB/s under max without erms, and 100 MiB uploads through the
+//     SDK ran at 49 MiB/s against 78 (BENCHMARKS.md);
+//   - the rest of max (monitor/mwait, pku, smap/smep/umip, mpx, rdtscp,
+//     rdrand, adx...): nothing x86-64-v3 or the wheels above need. max
+//     idles no busier than this model (an AMD guest idles in hlt, not
+//     mwait, and its tick stops alike), but its features change with QEMU's
+//     version, a list of flags does not.
 const tcgCPU = "qemu64" +
 	// x86-64-v2; qemu64 has its SSE3, CMPXCHG16B and LAHF/SAHF already.
 	",+ssse3,+sse4.1,+sse4.2,+popcnt" +
@@ -189,8 +191,8 @@ const tcgCPU = "qemu64" +
 	// state (OSXSAVE), without which AVX is unusable.
 	",+avx,+avx2,+bmi1,+bmi2,+fma,+f16c,+abm,+movbe,+xsave" +
 	// Every CPU with AVX has XSAVEOPT, and without it (CPUID leaf 0xD.1
-	// empty) the guest kernel hangs at its first CR4 write with OSXSAVE
-	// under QEMU 7.2's TCG.
+	// empty) the guest kernel hangs early in boot, where it turns XSAVE on
+	// (at a CR4 write), under QEMU 7.2's TCG.
 	",+xsaveopt" +
 	// PCLMULQDQ and AES-NI: every x86-64-v3 CPU has them; polars' wheels
 	// require PCLMULQDQ, and crypto libraries pick them at run time.
