@@ -45,9 +45,10 @@ want=(make git protobuf-compiler ca-certificates qemu-system-x86 qemu-utils debo
 #   passwd           useradd, for the test account `user`
 #   coreutils, bash, procps  commands the tests run inside envd (stty, tty, whoami, sleep, pkill)
 #   busybox-static   tiny root images in the VM boot tests
+#   gcc, libc6-dev   static test programs built for x86-64-v2 and v3 (the guest CPU tests)
 #   postgresql       the Postgres store's tests start a private server with its binaries
 if [[ $with_tests == true ]]; then
-	want+=(passwd coreutils bash procps busybox-static postgresql)
+	want+=(passwd coreutils bash procps busybox-static gcc libc6-dev postgresql)
 fi
 
 # Node.js: the SDK tests need >= $NODE_MIN. Debian 12's nodejs (18) is too old,

@@ -60,7 +60,10 @@ const (
 
 // baseRecipe versions the steps of EnsureBase: bump it when they change what
 // the artifact holds, so cached builds are redone.
-const baseRecipe = 2 // 2: the guest CPU has ARAT under TCG (a tickless idle)
+//
+//	2: the guest CPU has ARAT under TCG (a tickless idle)
+//	3: the guest CPU is x86-64-v3 under TCG
+const baseRecipe = 3
 
 // E2B's base template sizes: 2 vCPUs, 512 MiB. A snapshot fixes them for
 // every sandbox restored from it.

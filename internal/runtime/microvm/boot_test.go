@@ -87,6 +87,35 @@ func TestBootToHealth(t *testing.T) {
 		})
 	}
 
+	t.Run("the guest CPU is x86-64-v3 under TCG", func(t *testing.T) {
+		if rt.Accel() != microvm.TCG {
+			t.Skip("under KVM the guest has the host's CPU")
+		}
+		script := `for f in ` + strings.Join(tcgFlags, " ") + `; do grep -qw $f /proc/cpuinfo || echo "no $f"; done
+			grep -qw erms /proc/cpuinfo && echo "erms (TCG copies with rep movsb a byte at a time)"; true`
+		if got := sb.run(t, "user", script); got != "" {
+			t.Errorf("/proc/cpuinfo flags: %q", got)
+		}
+		if got, want := sb.run(t, "user", isaScript), isaOutput("v2", isaArg)+isaOutput("v3", isaArg); got != want {
+			t.Errorf("the programs built for x86-64-v2 and v3 printed %q, want %q", got, want)
+		}
+	})
+
+	// An idle guest stops its tick (nohz above), so it takes tens of timer
+	// interrupts a second instead of HZ (250), and its QEMU uses 16-22 ms of
+	// CPU a second under TCG here, against ~58 with a periodic tick.
+	t.Run("an idle guest costs little CPU", func(t *testing.T) {
+		time.Sleep(2 * time.Second) // past the commands above
+		timerHz, cpu := idleCost(t, sb, 5*time.Second)
+		t.Logf("idle: %.0f timer interrupts a second per vCPU; QEMU %.1f ms of CPU a second", timerHz, cpu)
+		if timerHz > 125 {
+			t.Errorf("idle: %.0f timer interrupts a second per vCPU, want under 125: the tick does not stop", timerHz)
+		}
+		if cpu > 40 {
+			t.Errorf("idle: QEMU uses %.1f ms of CPU a second, want under 40", cpu)
+		}
+	})
+
 	t.Run("stats", func(t *testing.T) {
 		st, err := rt.Stats(t.Context(), sb.vm)
 		if err != nil {

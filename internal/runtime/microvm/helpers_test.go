@@ -53,7 +53,7 @@ const envdPort = 49983
 const initSecret = "test-init-secret"
 
 // installHint is the one command that provides everything requireHost checks.
-const installHint = "apt-get install -y qemu-system-x86 qemu-utils busybox-static e2fsprogs"
+const installHint = "apt-get install -y qemu-system-x86 qemu-utils busybox-static e2fsprogs gcc libc6-dev"
 
 // workPrefix names each test binary's work directory: <tmp>/<workPrefix><pid>-*.
 const workPrefix = "warren-microvm-test-"
@@ -84,7 +84,7 @@ func requireHost(t testing.TB) {
 		t.Skip("boots VMs in network namespaces: run as root")
 	}
 	var missing []string
-	for _, tool := range []string{microvm.Binary, "qemu-img", "mkfs.ext4", "apt-get", "dpkg-deb"} {
+	for _, tool := range []string{microvm.Binary, "qemu-img", "mkfs.ext4", "apt-get", "dpkg-deb", "gcc"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			missing = append(missing, tool)
 		}
@@ -167,7 +167,8 @@ func doBuild(t testing.TB) (*artifacts, error) {
 }
 
 // buildRootImage makes the smallest root envd runs on: busybox as /bin/sh,
-// root and user (uid 1000) with a home.
+// root and user (uid 1000) with a home; and /bin/isa-v2 and /bin/isa-v3,
+// testdata/isa.c built for those x86-64 levels (isaOutput).
 func buildRootImage(ctx context.Context, image string) error {
 	root := filepath.Join(workDir, "rootfs")
 	for _, dir := range []string{"bin", "etc", "root", "home/user", "dev", "proc", "sys", "tmp", "run"} {
@@ -196,6 +197,14 @@ func buildRootImage(ctx context.Context, image string) error {
 	}
 	if err := os.Symlink("busybox", filepath.Join(root, "bin/sh")); err != nil {
 		return err
+	}
+	for _, level := range []string{"v2", "v3"} {
+		// Static: the root image holds no shared libraries.
+		out, err := exec.CommandContext(ctx, "gcc", "-O2", "-static", "-march=x86-64-"+level,
+			"-o", filepath.Join(root, "bin/isa-"+level), "testdata/isa.c").CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("build testdata/isa.c for x86-64-%s: %w\n%s(install: %s)", level, err, out, installHint)
+		}
 	}
 	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-L", "root", "-d", root, image, "32M").CombinedOutput()
 	if err != nil {

@@ -6,6 +6,7 @@ package microvm
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -96,7 +97,11 @@ func cpuinfo(key string) (string, error) {
 
 // Machine is one VM as QEMU sees it: everything its command line needs.
 type Machine struct {
-	Accel     Accel
+	Accel Accel
+	// CPU is the guest CPU model (-cpu); empty: the accelerator's default
+	// (cpuModel). A restore must repeat its snapshot's: the saved guest
+	// kernel chose its code paths by the CPU's features.
+	CPU       string
 	CPUs      int // 0: 1
 	MemoryMiB int // 0: 256
 	// TSCkHz is the host TSC rate (HostTSCkHz); required under TCG.
@@ -150,13 +155,54 @@ type Machine struct {
 // ROMs save boot time.
 const machineOptions = "microvm,x-option-roms=off,isa-serial=on,pit=off,pic=off"
 
-// cpuModel is the guest CPU per accelerator. Under TCG the qemu64 model
-// lacks ARAT (the local APIC timer keeps running in idle): the kernel then
-// needs a broadcast timer for one-shot ticks, and with pit=off and no HPET
-// it has none, so it ticks periodically at HZ on every vCPU even when idle
-// (~250 interrupts a second each, 110-130 ms of host CPU a second per idle
-// guest). With +arat the tick stops in idle (NO_HZ_IDLE).
-func cpuModel(a Accel) string { return map[Accel]string{KVM: "host", TCG: "qemu64,+arat"}[a] }
+// cpuModel is the guest CPU cold boots get per accelerator: under KVM the
+// host's, under TCG tcgCPU. A restore repeats its snapshot's model instead
+// (Machine.CPU), so changing this one leaves saved VMs restorable.
+func cpuModel(a Accel) string { return map[Accel]string{KVM: "host", TCG: tcgCPU}[a] }
+
+// tcgCPU is the guest CPU under TCG: qemu64 with what x86-64-v3 needs. E2B's
+// sandboxes run on the host's CPU (Firecracker on KVM), so templates expect
+// at least x86-64-v2 (RHEL 9 and its rebuilds: glibc refuses to start below
+// it) and usually v3 (AVX2 wheels such as polars; numpy picks its code paths
+// by the CPU). QEMU 7.2's TCG implements every flag here without a warning.
+//
+// qemu64 rather than a named model: it is AMD, and the guest kernel treats an
+// Intel model without microcode (Haswell, Skylake...) as open to Meltdown and
+// MDS, so it isolates its page tables (a CR3 switch, which TCG answers with a
+// whole TLB flush, on every system call and interrupt) and clears CPU buffers
+// on every return to user space; a named model also brings features TCG lacks
+// (x2apic, tsc-deadline, pcid, invpcid) and warns about them.
+//
+// Left out, though TCG has them (-cpu max enables them all):
+//   - erms: the guest kernel (memcpy, copy_to_user, clear_page) and glibc's
+//     memcpy then copy with rep movsb, which TCG runs one byte per
+//     iteration: under -cpu max a guest read /dev/zero at 255 MB/s against
+//     1.4-2.4 GB/s under max without erms, and 100 MiB uploads through the
+//     SDK ran at 49 MiB/s against 78 (BENCHMARKS.md);
+//   - the rest of max (monitor/mwait, pku, smap/smep/umip, mpx, rdtscp,
+//     rdrand, adx...): nothing x86-64-v3 or the wheels above need. max
+//     idles no busier than this model (an AMD guest idles in hlt, not
+//     mwait, and its tick stops alike), but its features change with QEMU's
+//     version, a list of flags does not.
+const tcgCPU = "qemu64" +
+	// x86-64-v2; qemu64 has its SSE3, CMPXCHG16B and LAHF/SAHF already.
+	",+ssse3,+sse4.1,+sse4.2,+popcnt" +
+	// x86-64-v3: abm is LZCNT; xsave makes the guest kernel enable the AVX
+	// state (OSXSAVE), without which AVX is unusable.
+	",+avx,+avx2,+bmi1,+bmi2,+fma,+f16c,+abm,+movbe,+xsave" +
+	// Every CPU with AVX has XSAVEOPT, and without it (CPUID leaf 0xD.1
+	// empty) the guest kernel hangs early in boot, where it turns XSAVE on
+	// (at a CR4 write), under QEMU 7.2's TCG.
+	",+xsaveopt" +
+	// PCLMULQDQ and AES-NI: every x86-64-v3 CPU has them; polars' wheels
+	// require PCLMULQDQ, and crypto libraries pick them at run time.
+	",+pclmulqdq,+aes" +
+	// ARAT (the local APIC timer keeps running in idle): without it the
+	// kernel needs a broadcast timer for one-shot ticks, and with pit=off
+	// and no HPET it has none, so it ticks periodically at HZ on every vCPU
+	// even when idle (~250 interrupts a second each, 110-130 ms of host CPU
+	// a second per idle guest). With it the tick stops in idle (NO_HZ_IDLE).
+	",+arat"
 
 // Args returns QEMU's command line (without the binary).
 func (m Machine) Args() ([]string, error) {
@@ -179,7 +225,7 @@ func (m Machine) Args() ([]string, error) {
 	args := []string{
 		"-M", machine,
 		"-accel", string(m.Accel),
-		"-cpu", cpuModel(m.Accel),
+		"-cpu", cmp.Or(m.CPU, cpuModel(m.Accel)),
 		"-smp", strconv.Itoa(cpus),
 		"-m", strconv.Itoa(mem),
 	}

@@ -64,6 +64,7 @@ type Runtime struct {
 	root   string
 	accel  Accel
 	tscKHz int
+	cpu    string // the guest CPU model of cold boots: cpuModel(accel)
 	qemu   string // QEMU's version, as --version prints it
 	aslr   bool   // cold boots randomize guest address spaces
 	log    *slog.Logger
@@ -107,6 +108,7 @@ func New(cfg Config) (*Runtime, error) {
 			return nil, fmt.Errorf("microvm: %w", err)
 		}
 	}
+	r.cpu = cpuModel(r.accel)
 	switch cfg.GuestASLR {
 	case "", "auto":
 		r.aslr = r.accel == KVM
@@ -352,6 +354,7 @@ func (r *Runtime) machine(spec runtime.Spec, v *VM, moved *moves) (m Machine, fo
 	dir := v.dir
 	m = Machine{
 		Accel:      r.accel,
+		CPU:        r.cpu,
 		TSCkHz:     r.tscKHz,
 		RootFormat: "qcow2",
 		RootDisk:   filepath.Join(dir, overlayFile),
@@ -435,6 +438,15 @@ func (r *Runtime) restoreMachine(spec runtime.Spec, v *VM, m Machine, moved *mov
 	m.CPUs, m.MemoryMiB = hw.CPUs, hw.MemoryMiB
 	m.Kernel, m.Initramfs, m.Append = hw.Kernel.Path, hw.Initramfs.Path, hw.Cmdline
 	m.Incoming = snap.Memory != NoMemory
+	if m.Incoming {
+		// The saved guest chose its code paths (and its idle and timer
+		// devices) by the CPU it booted on: it restores on that model,
+		// whatever cold boots use today.
+		m.CPU = hw.CPU
+	} else {
+		// A cold boot on the saved disk: today's model, recorded as such.
+		hw.CPU = m.CPU
+	}
 	v.rec.Hardware, v.rec.DiskBacking = hw, snap.DiskBacking.Path
 	disk, mem := filepath.Join(spec.Snapshot, snapDiskFile), filepath.Join(spec.Snapshot, snapMemFile)
 	switch {

@@ -1,0 +1,8 @@
+package microvm
+
+// SetCPUModel makes r cold boot guests on model instead of cpuModel's: a
+// test's stand-in for a warren whose default model differs.
+func SetCPUModel(r *Runtime, model string) { r.cpu = model }
+
+// CPUModel is the default guest CPU model under a.
+func CPUModel(a Accel) string { return cpuModel(a) }
