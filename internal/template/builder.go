@@ -487,7 +487,7 @@ func (bd *build) finalKey() string {
 	r := bd.req
 	last := bd.states[len(bd.states)-1]
 	return hashOf(bd.hashes[len(bd.hashes)-1], r.StartCmd, r.ReadyCmd, r.CPUs, r.MemoryMiB, r.MinFreeDiskMiB,
-		bd.b.cfg.Runtime.Version(), bd.b.cfg.Runtime.Accel(), last)
+		bd.b.cfg.Runtime.Version(), bd.b.cfg.Runtime.Accel(), bd.b.cfg.Runtime.CPUModel(), last)
 }
 
 // finalEntry is a cached build result.

@@ -139,6 +139,10 @@ func (r *Runtime) Accel() Accel { return r.accel }
 // (Config.GuestASLR).
 func (r *Runtime) GuestASLR() bool { return r.aslr }
 
+// CPUModel is the guest CPU model cold boots get (empty: QEMU's default for
+// the accelerator). A snapshot records the model it booted on.
+func (r *Runtime) CPUModel() string { return r.cpu }
+
 // Version is QEMU's version: a snapshot restores only on the QEMU that saved it.
 func (r *Runtime) Version() string { return r.qemu }
 
