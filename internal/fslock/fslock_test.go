@@ -70,3 +70,32 @@ func TestHeld(t *testing.T) {
 	}
 	u()
 }
+
+func TestTryLock(t *testing.T) {
+	p := filepath.Join(t.TempDir(), "sub", "x.lock")
+	unlock, ok, err := TryLock(p)
+	if err != nil || !ok {
+		t.Fatalf("TryLock of a free lock = %v, %v; want it taken", ok, err)
+	}
+	// Held by another open file description (as by another process): no
+	// wait, no error, not taken.
+	if _, ok, err := TryLock(p); ok || err != nil {
+		t.Errorf("TryLock of a held lock = %v, %v; want false, no error", ok, err)
+	}
+	if _, err := Lock(canceled(t), p, nil); err == nil {
+		t.Error("Lock got the lock TryLock holds")
+	}
+	unlock()
+	u, ok, err := TryLock(p)
+	if err != nil || !ok {
+		t.Fatalf("TryLock of a released lock = %v, %v; want it taken", ok, err)
+	}
+	u()
+}
+
+// canceled is a context that is done already: Lock tries once.
+func canceled(t *testing.T) context.Context {
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	return ctx
+}

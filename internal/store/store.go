@@ -269,6 +269,9 @@ type Store interface {
 	// ListBuildsByStatus returns every template's builds in one of the
 	// statuses, oldest first (at start, to find builds a restart cut short).
 	ListBuildsByStatus(ctx context.Context, statuses ...BuildStatus) ([]*Build, error)
+	// DeleteBuild deletes a build and the tags that name it. Sandboxes
+	// started from it keep running and keep their row.
+	DeleteBuild(ctx context.Context, id string) error
 
 	// SetTag points templateID:tag at a build of that template (replacing
 	// any earlier target and its CreatedAt).

@@ -241,6 +241,15 @@ func (s *Store) ListBuildsByStatus(ctx context.Context, statuses ...store.BuildS
 	return builds, nil
 }
 
+// DeleteBuild deletes a build; its tags go with it (ON DELETE CASCADE).
+func (s *Store) DeleteBuild(ctx context.Context, id string) error {
+	err := exactlyOne(s.pool.Exec(ctx, `DELETE FROM builds WHERE id = $1`, id))
+	if err != nil {
+		return fmt.Errorf("delete build %s: %w", id, err)
+	}
+	return nil
+}
+
 // SetTag points templateID:tag at a build of that template.
 func (s *Store) SetTag(ctx context.Context, t *store.Tag) error {
 	column.NormalizeTag(t)

@@ -37,6 +37,7 @@ func Run(t *testing.T, open Open) {
 		{"BuildsByStatus", testBuildsByStatus},
 		{"Tags", testTags},
 		{"DeleteTemplateCascades", testDeleteTemplateCascades},
+		{"DeleteBuild", testDeleteBuild},
 		{"Sandboxes", testSandboxes},
 		{"SandboxMaps", testSandboxMaps},
 		{"Times", testTimes},
@@ -490,6 +491,42 @@ func testDeleteTemplateCascades(t *testing.T, s store.Store) {
 	must(t, "other template's build", err)
 	_, err = s.GetTag(ctx, "kept", "default")
 	must(t, "other template's tag", err)
+}
+
+// testDeleteBuild drops one build of a template (a superseded base build):
+// its tags go, the template, its other builds and tags stay, and so do the
+// sandboxes started from it.
+func testDeleteBuild(t *testing.T, s store.Store) {
+	ctx := context.Background()
+	newTeam(t, s, "a")
+	newTemplate(t, s, "t1", "a")
+	newBuild(t, s, "b-old", "t1", t0)
+	current := newBuild(t, s, "b-new", "t1", t0.Add(time.Minute))
+	must(t, "set tag", s.SetTag(ctx, &store.Tag{TemplateID: "t1", Tag: "pinned", BuildID: "b-old", CreatedAt: t0}))
+	def := &store.Tag{TemplateID: "t1", Tag: "default", BuildID: "b-new", CreatedAt: t0}
+	must(t, "set tag", s.SetTag(ctx, def))
+	sb := newSandbox("sb", "a")
+	sb.TemplateID, sb.BuildID = "t1", "b-old"
+	must(t, "insert sandbox", s.InsertSandbox(ctx, sb))
+
+	must(t, "delete build", s.DeleteBuild(ctx, "b-old"))
+	wantErr(t, "delete deleted build", s.DeleteBuild(ctx, "b-old"), store.ErrNotFound)
+	_, err := s.GetBuild(ctx, "b-old")
+	wantErr(t, "get deleted build", err, store.ErrNotFound)
+	_, err = s.GetTag(ctx, "t1", "pinned")
+	wantErr(t, "tag of the deleted build", err, store.ErrNotFound)
+	builds, err := s.ListBuilds(ctx, "t1")
+	must(t, "list builds", err)
+	same(t, "builds left", builds, []*store.Build{current})
+	tags, err := s.ListTags(ctx, "t1")
+	must(t, "list tags", err)
+	same(t, "tags left", tags, []*store.Tag{def})
+	if _, err := s.GetTemplate(ctx, "t1"); err != nil {
+		t.Fatalf("template of the deleted build: %v", err)
+	}
+	if got, err := s.GetSandbox(ctx, "sb"); err != nil || got.BuildID != "b-old" {
+		t.Fatalf("sandbox of the deleted build: %+v, %v", got, err)
+	}
 }
 
 func testSandboxes(t *testing.T, s store.Store) {
