@@ -285,21 +285,22 @@ func CollectTemplates(ctx context.Context, cfg Config, dryRun bool, log *slog.Lo
 // and registers it in the store.
 func ensureBase(ctx context.Context, cfg Config, rt *microvm.Runtime, slots *netns.Pool, st store.Store, out io.Writer) (*template.Artifact, error) {
 	fmt.Fprintln(out, "warren: making sure the base template exists (the first time takes several minutes)")
-	art, err := template.EnsureBase(ctx, cfg.DataDir, template.BaseOptions{
+	// Recorded under EnsureBase's lock: a collection of template storage
+	// (warren template gc) never sees the build unrecorded.
+	register := func(ctx context.Context, art *template.Artifact) error {
+		var diskMB int
+		if fi, err := os.Stat(art.RootDisk); err == nil {
+			diskMB = int(fi.Size() >> 20)
+		}
+		return control.EnsureBaseTemplate(ctx, st, control.BaseBuild{
+			Key: art.BuildID, Artifact: art.Dir, CPUCount: art.CPUs, MemoryMB: art.MemoryMiB,
+			DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
+		})
+	}
+	return template.EnsureBase(ctx, cfg.DataDir, template.BaseOptions{
 		Envd: cfg.Envd, Runtime: rt, Slots: slots, Mirror: cfg.DebianMirror, Progress: PrefixWriter{W: out, Prefix: "warren: base: "},
+		Register: register,
 	})
-	if err != nil {
-		return nil, err
-	}
-	var diskMB int
-	if fi, err := os.Stat(art.RootDisk); err == nil {
-		diskMB = int(fi.Size() >> 20)
-	}
-	err = control.EnsureBaseTemplate(ctx, st, control.BaseBuild{
-		Key: art.BuildID, Artifact: art.Dir, CPUCount: art.CPUs, MemoryMB: art.MemoryMiB,
-		DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
-	})
-	return art, err
 }
 
 // imageResolver serves template builds' fromImage from warren's image store

@@ -55,8 +55,12 @@ const (
 	rootfsFile     = "rootfs.ext4"
 	initSecretFile = "init-secret"
 	snapshotDir    = "snapshot"
-	lockFile       = ".artifact.lock"
+	lockFile       = ".artifact.lock" // in baseDir
 )
+
+// baseDir, under <dataDir>/templates, holds the base template's builds
+// (<buildID>/) beside the base image (internal/image).
+const baseDir = "base"
 
 // baseRecipe versions the steps of EnsureBase: bump it when they change what
 // the artifact holds, so cached builds are redone.
@@ -163,6 +167,11 @@ type BaseOptions struct {
 	Mirror string
 	// Progress receives a line per phase with the time elapsed; nil discards.
 	Progress io.Writer
+	// Register, when set, records the build (in the store) before
+	// EnsureBase returns, under the lock that keeps collections of template
+	// storage (CollectGarbage) away from the base builds: no collection sees
+	// the build unrecorded and takes it for a superseded one.
+	Register func(context.Context, *Artifact) error
 }
 
 // EnsureBase returns the base template's artifact under
@@ -173,8 +182,8 @@ type BaseOptions struct {
 //
 // A build for the same inputs (envd, kernel, root image, QEMU and VM size) is
 // returned at once; a changed input makes a new build beside the old ones,
-// which stay for sandboxes that still run from them. Concurrent callers on one
-// data directory wait for each other.
+// which stay while anything uses them (CollectGarbage removes them after).
+// Concurrent callers on one data directory wait for each other.
 func EnsureBase(ctx context.Context, dataDir string, opts BaseOptions) (*Artifact, error) {
 	p := &progress{w: opts.Progress, start: time.Now()}
 	if p.w == nil {
@@ -224,22 +233,32 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
 	}
 	id := in.BuildID()
-	base := filepath.Join(dataDir, "templates", "base")
+	base := filepath.Join(dataDir, "templates", baseDir)
 	dir := filepath.Join(base, id)
-	if a, err := LoadArtifact(dir); err == nil {
-		p.phase("cached build %s", id)
-		return a, nil
-	}
-
+	// Held until the build is recorded too: a collection would take a
+	// cached build the store does not list (after a downgrade) for garbage.
 	unlock, err := fslock.Lock(ctx, filepath.Join(base, lockFile), nil)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-	if a, err := LoadArtifact(dir); err == nil { // another caller built it meanwhile
+	a, err := LoadArtifact(dir)
+	if err == nil {
 		p.phase("cached build %s", id)
-		return a, nil
+	} else if a, err = makeBase(ctx, p, dir, in, kernel, img, opts); err != nil {
+		return nil, err
 	}
+	if opts.Register != nil {
+		if err := opts.Register(ctx, a); err != nil {
+			return nil, fmt.Errorf("record build %s: %w", id, err)
+		}
+	}
+	return a, nil
+}
+
+// makeBase builds the base template's artifact in dir from scratch.
+func makeBase(ctx context.Context, p *progress, dir string, in BaseInputs, kernel *guest.Kernel, img *image.Image, opts BaseOptions) (*Artifact, error) {
+	id := in.BuildID()
 	p.phase("building %s in %s", id, dir)
 	// Leftovers of a build that died are redone from scratch.
 	if err := os.RemoveAll(dir); err != nil {

@@ -31,6 +31,7 @@ import (
 	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
 	"github.com/warren-sh/warren/internal/envd"
+	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/image"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
@@ -221,10 +222,26 @@ func TestEnsureBase(t *testing.T) {
 	t.Run("a second call returns the build at once", func(t *testing.T) {
 		var progress bytes.Buffer
 		start := time.Now()
-		again, err := template.EnsureBase(t.Context(), cacheDir, template.BaseOptions{Envd: envdBin, Runtime: rt, Slots: pool, Progress: &progress})
+		// It records the build under the base builds' lock, which keeps
+		// collections of template storage away until the store lists it.
+		registered := false
+		register := func(_ context.Context, got *template.Artifact) error {
+			held, err := fslock.Held(filepath.Join(cacheDir, "templates", "base", ".artifact.lock"))
+			if !held || err != nil {
+				t.Errorf("Register ran without the base builds' lock held (%v)", err)
+			}
+			registered = got.BuildID == a.BuildID
+			return nil
+		}
+		again, err := template.EnsureBase(t.Context(), cacheDir, template.BaseOptions{
+			Envd: envdBin, Runtime: rt, Slots: pool, Progress: &progress, Register: register,
+		})
 		took := time.Since(start)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if !registered {
+			t.Error("Register was not called with the build")
 		}
 		t.Logf("cached EnsureBase: %s\n%s", took.Round(time.Millisecond), progress.String())
 		if again.BuildID != a.BuildID || again.InitSecret != a.InitSecret {

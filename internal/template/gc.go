@@ -25,9 +25,10 @@ import (
 // Garbage collection of template build storage (CollectGarbage).
 //
 // What may go, under <dataDir>/templates: step layers (layers/*.qcow2),
-// source disks (sources/*.ext4) and build artifacts (<template>/<build>/),
-// each as a whole; base/ (the base image and the base template's builds) is
-// never touched. What references what:
+// source disks (sources/*.ext4), build artifacts (<template>/<build>/) and
+// the base template's builds (base/<16 hex digits>/, EnsureBase), each as a
+// whole. The base image beside those (base/rootfs.ext4, manifest.json) and
+// anything else in base/ is never touched. What references what:
 //
 //	artifact  artifact.json names its root disk (the last step's layer, a
 //	          source, or another artifact's snapshot disk), its kernel and
@@ -37,13 +38,23 @@ import (
 //	VM, blob  a sandbox's disk overlay (vms/<id>/), a paused sandbox's or a
 //	          snapshot's disk (blobs/...) is an overlay over a template
 //	          build's snapshot disk
+//	base      a base build's artifact names files of its own only; user
+//	          templates name its snapshot disk (fromTemplate base), its
+//	          kernel and initramfs (fromImage builds boot those)
 //
 // so the chains are read where QEMU reads them: in the qcow2 headers. The
 // roots are the live artifacts (GCOptions.Live), every qcow2 image and
 // artifact under GCOptions.InUse, and running builds (pins, below). The cache
 // entries (layers/<hash>.json → a layer, finals/<key>.json → an artifact) are
 // kept, most recently used first, while what they keep beyond the roots fits
-// GCOptions.CacheMax; everything neither reaches is removed.
+// GCOptions.CacheMax; everything neither reaches is removed. A base build no
+// root reaches is superseded: no build can start from it again (its row is
+// gone, GCOptions.RetireBase), so the cache entries that reach it are stale.
+//
+// A base build's directory has no artifact.json while EnsureBase makes it,
+// and one the store does not list until EnsureBase has recorded it
+// (BaseOptions.Register): both under base/.artifact.lock. A collection takes
+// that lock if it is free, and otherwise leaves the base builds alone.
 //
 // Bookkeeping files under <dataDir>/templates:
 //
@@ -121,6 +132,12 @@ type GCOptions struct {
 	// storage: the VM runtime's state (running sandboxes) and blob storage
 	// (paused sandboxes, snapshots). Every one found is a root.
 	InUse []string
+	// RetireBase, when set, is called before Live under the cache lock and
+	// the base builds' lock, so that no base build is being recorded
+	// meanwhile: the store may drop the base builds nothing can start from
+	// any more, whose files then go unless something reaches them. A
+	// collection that finds a base build being made does not call it.
+	RetireBase func(context.Context) error
 	// CacheMax bounds the bytes the kept cache entries hold beyond the roots;
 	// NoCacheLimit keeps every valid entry.
 	CacheMax int64
@@ -139,9 +156,11 @@ type GCResult struct {
 	LiveBytes, CacheBytes int64
 	CacheEntries          int
 	// Evicted is how many entries were dropped to fit CacheMax; Stale how
-	// many named something missing or broken.
+	// many named something missing or broken, or built on a superseded base
+	// build.
 	Evicted, Stale int
-	// Removed counts what went, by kind: "layer", "source", "artifact".
+	// Removed counts what went, by kind: "layer", "source", "artifact",
+	// "base" (a base template build).
 	Removed map[string]int
 	// FreedBytes is what the removed files took.
 	FreedBytes int64
@@ -164,7 +183,13 @@ func CollectGarbage(ctx context.Context, opts GCOptions) (*GCResult, error) {
 	if err != nil {
 		return nil, fmt.Errorf("template gc: %w", err)
 	}
+	unlockBase, err := c.lockBase()
+	if err != nil {
+		unlock()
+		return nil, fmt.Errorf("template gc: %w", err)
+	}
 	trash, err := c.collect(ctx)
+	unlockBase()
 	unlock()
 	if trash != "" {
 		if rerr := os.RemoveAll(trash); rerr != nil {
@@ -176,13 +201,14 @@ func CollectGarbage(ctx context.Context, opts GCOptions) (*GCResult, error) {
 		return nil, fmt.Errorf("template gc: %w", err)
 	}
 	r := c.res
-	if r.Removed["layer"]+r.Removed["source"]+r.Removed["artifact"]+r.Evicted+r.Stale > 0 {
+	if r.Removed["layer"]+r.Removed["source"]+r.Removed["artifact"]+r.Removed["base"]+r.Evicted+r.Stale > 0 {
 		msg := "template storage collected"
 		if opts.DryRun {
 			msg = "template storage collection (dry run: nothing removed)"
 		}
 		c.opts.Log.Info(msg, "freed_bytes", r.FreedBytes, "layers", r.Removed["layer"], "sources", r.Removed["source"],
-			"artifacts", r.Removed["artifact"], "evicted_entries", r.Evicted, "stale_entries", r.Stale,
+			"artifacts", r.Removed["artifact"], "base_builds", r.Removed["base"],
+			"evicted_entries", r.Evicted, "stale_entries", r.Stale,
 			"cache_bytes", r.CacheBytes, "cache_entries", r.CacheEntries, "live_bytes", r.LiveBytes,
 			"took", time.Since(began).Round(time.Millisecond))
 	}
@@ -202,10 +228,34 @@ func lockCache(ctx context.Context, dataDir string, waiting func()) (func(), err
 	return fslock.Lock(ctx, filepath.Join(dataDir, "templates", cacheLockFile), waiting)
 }
 
+// lockBase takes the base builds' lock (EnsureBase's) if it is free. While
+// EnsureBase holds it, a build's directory may lack artifact.json or the
+// store's row: the collection leaves base/ alone then.
+func (c *collector) lockBase() (unlock func(), err error) {
+	dir := filepath.Join(c.root, baseDir)
+	if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+		return func() {}, nil
+	}
+	unlock, ok, err := fslock.TryLock(filepath.Join(dir, lockFile))
+	if err != nil {
+		return nil, err
+	}
+	if !ok {
+		c.opts.Log.Info("template gc: a base template build is being made or recorded; base builds are left for the next collection")
+		return func() {}, nil
+	}
+	c.baseLocked = true
+	return unlock, nil
+}
+
+// baseBuildName is the name of a base build's directory
+// (BaseInputs.BuildID).
+var baseBuildName = regexp.MustCompile(`^[0-9a-f]{16}$`)
+
 // item is something a collection may remove: a layer or source file, or an
-// artifact directory.
+// artifact directory (a base build's too).
 type item struct {
-	kind  string // "layer", "source", "artifact"
+	kind  string // "layer", "source", "artifact", "base"
 	path  string
 	bytes int64 // -1 until measured
 }
@@ -230,14 +280,28 @@ type collector struct {
 	roots    []string
 	emptyDir []string // template directories without builds
 	temps    []string // leftovers of atomic writes
+	// baseLocked says the collection holds the base builds' lock: only
+	// then are they items.
+	baseLocked bool
 }
 
 func newCollector(opts GCOptions) *collector {
 	if opts.Log == nil {
 		opts.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
+	// The paths the collection compares come from the store, qcow2 headers
+	// and pins, spelled as warren up spells its data directory: the real
+	// path of the directory finds them when it is given another way
+	// (relative, or through a symlink; see owner).
+	root := filepath.Join(opts.DataDir, "templates")
+	if abs, err := filepath.Abs(root); err == nil {
+		root = abs
+	}
+	if real, err := filepath.EvalSymlinks(root); err == nil {
+		root = real
+	}
 	return &collector{
-		root: filepath.Join(opts.DataDir, "templates"), opts: opts,
+		root: root, opts: opts,
 		items: map[string]*item{}, refs: map[string][]string{},
 		res: &GCResult{Removed: map[string]int{}},
 	}
@@ -356,7 +420,13 @@ func (c *collector) scan() error {
 					return err
 				}
 			}
-		case !top.IsDir() || strings.HasPrefix(name, ".") || name == "base":
+		case name == baseDir && top.IsDir():
+			if c.baseLocked {
+				if err := c.scanBase(dir); err != nil {
+					return err
+				}
+			}
+		case !top.IsDir() || strings.HasPrefix(name, "."):
 		case name == layersDir, name == sourcesDir, name == finalsDir:
 			if err := c.scanCache(dir, name); err != nil {
 				return err
@@ -406,6 +476,21 @@ func (c *collector) scanCache(dir, name string) error {
 	return nil
 }
 
+// scanBase lists the base builds; the base image and the lock files beside
+// them are not items.
+func (c *collector) scanBase(dir string) error {
+	builds, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, b := range builds {
+		if b.IsDir() && baseBuildName.MatchString(b.Name()) {
+			c.addItem("base", filepath.Join(dir, b.Name()))
+		}
+	}
+	return nil
+}
+
 func (c *collector) addItem(kind, p string) {
 	c.items[p] = &item{kind: kind, path: p, bytes: -1}
 }
@@ -437,6 +522,11 @@ func (c *collector) readEntry(p string, final bool, f fs.DirEntry) {
 // findRoots gathers the live artifacts, what the InUse directories hold and
 // what running builds use.
 func (c *collector) findRoots(ctx context.Context) error {
+	if c.baseLocked && c.opts.RetireBase != nil {
+		if err := c.opts.RetireBase(ctx); err != nil {
+			return fmt.Errorf("retire base builds: %w", err)
+		}
+	}
 	if c.opts.Live != nil {
 		live, err := c.opts.Live(ctx)
 		if err != nil {
@@ -516,7 +606,7 @@ func (c *collector) pickEntries(kept map[*item]bool) ([]string, error) {
 		if err != nil {
 			return nil, err
 		}
-		if len(missing) > 0 || !c.valid(e) {
+		if len(missing) > 0 || !c.valid(e) || supersededBase(reach, kept) {
 			c.res.Stale++
 			drop = append(drop, e.path)
 			continue
@@ -539,6 +629,21 @@ func (c *collector) pickEntries(kept map[*item]bool) ([]string, error) {
 		c.res.CacheEntries++
 	}
 	return drop, nil
+}
+
+// supersededBase reports whether what an entry reaches holds a base build
+// that no root keeps. Such an entry can never be hit again: its key hashes
+// what its build started from, and a build starts from the current base
+// build (a root), from a live template (a root, which keeps its own base
+// build) or from an image, whose boot files are the current base build's.
+// Base builds are never a cached build's result, only its source.
+func supersededBase(reach, kept map[*item]bool) bool {
+	for it := range reach {
+		if it.kind == "base" && !kept[it] {
+			return true
+		}
+	}
+	return false
 }
 
 // valid applies the builder's own checks of an entry (layerOf, cachedFinal).
@@ -586,7 +691,14 @@ func (c *collector) closure(paths []string) (map[*item]bool, []string, error) {
 func (c *collector) owner(p string) *item {
 	rel, err := filepath.Rel(c.root, p)
 	if err != nil || !filepath.IsLocal(rel) {
-		return nil
+		// Maybe under root by another path (newCollector).
+		real, rerr := filepath.EvalSymlinks(p)
+		if rerr != nil {
+			return nil
+		}
+		if rel, err = filepath.Rel(c.root, real); err != nil || !filepath.IsLocal(rel) {
+			return nil
+		}
 	}
 	parts := strings.SplitN(rel, string(filepath.Separator), 3)
 	if len(parts) < 2 {

@@ -115,9 +115,14 @@ func (tr *tree) artifact(tpl, b, root string) string {
 
 // artifactAt makes an artifact in dir (a snapshot's, in blob storage).
 func (tr *tree) artifactAt(dir, root string) string {
+	return tr.artifactBooting(dir, root, tr.kernel, tr.initrd)
+}
+
+// artifactBooting makes an artifact in dir whose VM boots kernel and initrd.
+func (tr *tree) artifactBooting(dir, root, kernel, initrd string) string {
 	tr.t.Helper()
 	a := &Artifact{
-		BuildID: filepath.Base(dir), Dir: dir, Kernel: tr.kernel, Initramfs: tr.initrd, RootDisk: root,
+		BuildID: filepath.Base(dir), Dir: dir, Kernel: kernel, Initramfs: initrd, RootDisk: root,
 		Snapshot: filepath.Join(dir, snapshotDir), CPUs: 2, MemoryMiB: 512,
 	}
 	tr.qcow2(microvm.SnapshotDisk(a.Snapshot), root, 64<<10)
@@ -428,6 +433,11 @@ func crashTree(tr *tree) (live string, keep []string) {
 	broken := tr.artifact("t3", "b3", l2)
 	os.RemoveAll(filepath.Join(broken, snapshotDir))
 	tr.final("fb", broken, hourly(2))
+	// A superseded base build and a cached step built on it (fromTemplate
+	// base): the entry goes before the build.
+	keep = append(keep, tr.baseImage()...)
+	tr.baseBuild(oldBase)
+	tr.layer("ob", "b4", tr.baseDisk(oldBase), hourly(3))
 	return live, keep
 }
 
@@ -479,6 +489,7 @@ func TestGCCrashLeavesNothingTrustedBroken(t *testing.T) {
 		t.Fatalf("before any collection the builder trusts broken %q, want g1.json", brokenBefore)
 	}
 	c := newCollector(GCOptions{DataDir: probe.dataDir, Live: liveDirs(live), CacheMax: 0})
+	c.baseLocked = true // as CollectGarbage, which holds the base builds' lock
 	steps, err := c.plan(t.Context())
 	must(t, err)
 	if len(steps) < 8 {
@@ -488,6 +499,7 @@ func TestGCCrashLeavesNothingTrustedBroken(t *testing.T) {
 		tr := newTree(t)
 		live, keep := crashTree(tr)
 		c := newCollector(GCOptions{DataDir: tr.dataDir, Live: liveDirs(live), CacheMax: 0})
+		c.baseLocked = true
 		steps, err := c.plan(t.Context())
 		must(t, err)
 		trash := tr.path(trashDir + "/gc-crashed")
@@ -515,7 +527,7 @@ func TestGCCrashLeavesNothingTrustedBroken(t *testing.T) {
 			t.Errorf("crash after step %d, then a collection: the builder trusts broken %q", k, b)
 		}
 		wantExist(t, true, keep...)
-		wantExist(t, false, trash)
+		wantExist(t, false, trash, tr.path(baseDir+"/"+oldBase))
 		left := listTree(t, tr)
 		want := []string{"base", layersDir, "h1.json", "h2.json", "h1-b1.qcow2", "h2-b1.qcow2", sourcesDir, "s.ext4", finalsDir, "t1", "b1"}
 		slices.Sort(want)
