@@ -18,8 +18,10 @@ func runTemplateGC(args []string) error {
 		fmt.Fprint(fs.Output(), `Usage: warren template gc [flags]
 
 Removes what no template build, sandbox or running build of this host's data
-directory uses: step layers, source images and build artifacts (of deleted
-templates, of failed or interrupted builds), and trims the build cache to
+directory uses: step layers, source images, build artifacts (of deleted
+templates, of failed or interrupted builds) and superseded base template
+builds (an upgrade that changes envd makes a new one; the old one goes once
+no sandbox, snapshot or template builds on it), and trims the build cache to
 --template-cache-max, least recently used first. 'warren up' does the same
 after every build and template deletion, and hourly; this runs one now, beside
 a running warren or without one. Give it the data directory and database
@@ -55,13 +57,16 @@ Flags (each also read from the environment variable shown):
 	if err != nil {
 		return err
 	}
-	verb := "removed"
+	verb, retired := "removed", "retired"
 	if *dryRun {
-		verb = "would remove"
+		verb, retired = "would remove", "would retire"
 	}
-	fmt.Printf("%s %d layers, %d source images, %d build artifacts: %s; and %d cache entries (%d over the limit, %d broken)\n",
-		verb, r.Removed["layer"], r.Removed["source"], r.Removed["artifact"], humanBytes(r.FreedBytes),
+	fmt.Printf("%s %d layers, %d source images, %d build artifacts, %d old base builds: %s; and %d cache entries (%d over the limit, %d broken or over an old base build)\n",
+		verb, r.Removed["layer"], r.Removed["source"], r.Removed["artifact"], r.Removed["base"], humanBytes(r.FreedBytes),
 		r.Evicted+r.Stale, r.Evicted, r.Stale)
+	for _, b := range r.Retired {
+		fmt.Printf("%s base build %s from the store (superseded; %s)\n", retired, b.ID, b.Artifact)
+	}
 	fmt.Printf("kept: %s for live builds and sandboxes, %s in %d cache entries\n",
 		humanBytes(r.LiveBytes), humanBytes(r.CacheBytes), r.CacheEntries)
 	return nil

@@ -85,7 +85,9 @@ type BaseBuild struct {
 }
 
 // EnsureBaseTemplate registers the base template (public, global alias
-// "base", owned by the default team) and b as its latest successful build.
+// "base", owned by the default team) and b as its latest successful build,
+// which its tag "default" names: the build that stays when a collection of
+// template storage retires the older ones (TemplateGC).
 func EnsureBaseTemplate(ctx context.Context, st store.Store, b BaseBuild) error {
 	now := time.Now().UTC()
 	if _, err := st.GetTemplate(ctx, BaseTemplateID); errors.Is(err, store.ErrNotFound) {
@@ -105,16 +107,21 @@ func EnsureBaseTemplate(ctx context.Context, st store.Store, b BaseBuild) error 
 	existing, err := st.GetBuild(ctx, id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
-		return st.CreateBuild(ctx, &store.Build{
+		err = st.CreateBuild(ctx, &store.Build{
 			ID: id, TemplateID: BaseTemplateID, Status: store.BuildReady,
 			CPUCount: b.CPUCount, MemoryMB: b.MemoryMB, DiskSizeMB: b.DiskSizeMB, EnvdVersion: b.EnvdVersion,
 			Artifact: b.Artifact, CreatedAt: now, UpdatedAt: now, FinishedAt: &now,
 		})
 	case err != nil:
-		return err
 	case existing.Artifact != b.Artifact || existing.Status != store.BuildReady:
 		existing.Artifact, existing.Status, existing.UpdatedAt = b.Artifact, store.BuildReady, now
-		return st.UpdateBuild(ctx, existing)
+		err = st.UpdateBuild(ctx, existing)
+	}
+	if err != nil {
+		return fmt.Errorf("record base build %s: %w", id, err)
+	}
+	if err := st.SetTag(ctx, &store.Tag{TemplateID: BaseTemplateID, Tag: defaultTag, BuildID: id, CreatedAt: now}); err != nil {
+		return fmt.Errorf("tag base build %s: %w", id, err)
 	}
 	return nil
 }

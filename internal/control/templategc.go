@@ -26,6 +26,11 @@ const gcEvery = time.Hour
 // the artifact directories of builds it lists as building. Running and
 // paused sandboxes need no row of their own: their disks, under InUse, are
 // roots themselves (their template may be deleted while they run).
+//
+// Each collection first retires the base template's builds that nothing can
+// start from any more (retireBase): every warren upgrade that changes envd
+// makes a new base build, and the old ones would otherwise stay listed, and
+// kept, for ever.
 type TemplateGC struct {
 	Store   store.Store
 	DataDir string
@@ -63,13 +68,45 @@ func (g *TemplateGC) Stats() GCStats {
 	return s
 }
 
+// GCResult is what a collection found and removed (or, in a dry run, would).
+type GCResult struct {
+	*template.GCResult
+	// Retired are the base template's builds dropped from the store:
+	// superseded, and nothing could start from them any more. Their files
+	// went with the collection (Removed["base"]) unless something still
+	// builds on them.
+	Retired []*store.Build
+}
+
 // Collect runs one collection; with dryRun it reports what would go.
-func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*template.GCResult, error) {
+func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*GCResult, error) {
+	log := g.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	out := &GCResult{}
+	retire := func(ctx context.Context) (err error) {
+		out.Retired, err = retireBase(ctx, g.Store, dryRun)
+		for _, b := range out.Retired {
+			msg := "base build retired: superseded, and nothing can start from it any more"
+			if dryRun {
+				msg = "base build would be retired (dry run): superseded, and nothing can start from it any more"
+			}
+			log.Info(msg, "build", b.ID, "artifact", b.Artifact, "created", b.CreatedAt)
+		}
+		return err
+	}
 	res, err := template.CollectGarbage(ctx, template.GCOptions{
-		DataDir: g.DataDir, Live: g.live, InUse: g.InUse, CacheMax: g.CacheMax, DryRun: dryRun, Log: g.Log,
+		DataDir: g.DataDir, InUse: g.InUse, CacheMax: g.CacheMax, DryRun: dryRun, Log: g.Log,
+		RetireBase: retire,
+		Live:       func(ctx context.Context) ([]string, error) { return g.live(ctx, out.Retired) },
 	})
-	if err != nil || dryRun {
-		return res, err
+	if err != nil {
+		return nil, err
+	}
+	out.GCResult = res
+	if dryRun {
+		return out, nil
 	}
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -81,18 +118,79 @@ func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*template.GCResu
 	for k, n := range res.Removed {
 		g.stats.Removed[k] += int64(n)
 	}
-	return res, nil
+	return out, nil
+}
+
+// retireBase drops from the store the base template's ready builds that
+// nothing can start from any more: all but the one its default tag names
+// (the build warren up recorded last, EnsureBaseTemplate), unless another
+// tag names it or a build waiting or running starts from it (fromTemplate
+// resolved to it). Nothing else needs the row: a create or a build names
+// base by alias or tag; a paused sandbox resumes from what its pause saved
+// (startPaused does without the row); and the build's files stay while
+// anything builds on them (running and paused sandboxes' disks, named
+// snapshots, templates built from it), which the collection finds by their
+// chains. With dryRun it only says which builds would go.
+func retireBase(ctx context.Context, st store.Store, dryRun bool) ([]*store.Build, error) {
+	current, err := st.GetTag(ctx, BaseTemplateID, defaultTag)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, nil // recorded by an older warren: which build is current is not known
+	}
+	if err != nil {
+		return nil, err
+	}
+	builds, err := st.ListBuilds(ctx, BaseTemplateID)
+	if err != nil {
+		return nil, err
+	}
+	if !slices.ContainsFunc(builds, func(b *store.Build) bool { return b.ID == current.BuildID && b.Status == store.BuildReady }) {
+		return nil, nil // then no other build may go
+	}
+	needed := map[string]bool{}
+	tags, err := st.ListTags(ctx, BaseTemplateID)
+	if err != nil {
+		return nil, err
+	}
+	for _, t := range tags {
+		needed[t.BuildID] = true
+	}
+	pending, err := st.ListBuildsByStatus(ctx, store.BuildWaiting, store.BuildBuilding)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range pending {
+		if spec, err := decodeSpec(b); err == nil && spec.FromBuildID != "" {
+			needed[spec.FromBuildID] = true
+		}
+	}
+	var retired []*store.Build
+	for _, b := range builds {
+		if b.Status != store.BuildReady || needed[b.ID] {
+			continue
+		}
+		if !dryRun {
+			if err := st.DeleteBuild(ctx, b.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return retired, fmt.Errorf("retire base build %s: %w", b.ID, err)
+			}
+		}
+		retired = append(retired, b)
+	}
+	return retired, nil
 }
 
 // live lists the artifacts of the builds the store lists as ready or
-// building. A store without a ready build of the base template is not the
-// store of this data directory's warren (a collection against it would
-// remove every build): it refuses.
-func (g *TemplateGC) live(ctx context.Context) ([]string, error) {
+// building, but the base builds retired (a dry run's are still listed). A
+// store without a ready build of the base template is not the store of this
+// data directory's warren (a collection against it would remove every
+// build): it refuses.
+func (g *TemplateGC) live(ctx context.Context, retired []*store.Build) ([]string, error) {
 	builds, err := g.Store.ListBuildsByStatus(ctx, store.BuildReady, store.BuildBuilding)
 	if err != nil {
 		return nil, fmt.Errorf("list builds: %w", err)
 	}
+	builds = slices.DeleteFunc(builds, func(b *store.Build) bool {
+		return slices.ContainsFunc(retired, func(r *store.Build) bool { return r.ID == b.ID })
+	})
 	base, err := g.Store.GetAlias(ctx, "", "base")
 	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		return nil, err

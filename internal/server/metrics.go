@@ -44,7 +44,7 @@ func newCollector(st store.Store, dataDir string, warm func() []node.PoolStatus,
 			"Disk the template build cache keeps beyond what live templates, sandboxes and builds use, as of the last collection (bounded by --template-cache-max).", nil, nil),
 		gcFreed: prometheus.NewDesc("warren_template_gc_freed_bytes_total", "Disk freed by collections of template storage.", nil, nil),
 		gcRemoved: prometheus.NewDesc("warren_template_gc_removed_total",
-			"What collections of template storage removed: step layers, source disks and build artifacts.", []string{"kind"}, nil),
+			"What collections of template storage removed: step layers, source disks, build artifacts and superseded base template builds.", []string{"kind"}, nil),
 	}
 }
 
@@ -88,7 +88,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		s := c.gc()
 		ch <- prometheus.MustNewConstMetric(c.cacheBytes, prometheus.GaugeValue, float64(s.CacheBytes))
 		ch <- prometheus.MustNewConstMetric(c.gcFreed, prometheus.CounterValue, float64(s.FreedBytes))
-		for _, kind := range []string{"layer", "source", "artifact"} {
+		for _, kind := range []string{"layer", "source", "artifact", "base"} {
 			ch <- prometheus.MustNewConstMetric(c.gcRemoved, prometheus.CounterValue, float64(s.Removed[kind]), kind)
 		}
 	}

@@ -266,7 +266,7 @@ func templateGC(cfg Config, st store.Store, log *slog.Logger) *control.TemplateG
 // cfg describes (its data directory and store), as `warren up` does after
 // builds and hourly; it may run beside that warren. With dryRun nothing is
 // removed.
-func CollectTemplates(ctx context.Context, cfg Config, dryRun bool, log *slog.Logger) (*template.GCResult, error) {
+func CollectTemplates(ctx context.Context, cfg Config, dryRun bool, log *slog.Logger) (*control.GCResult, error) {
 	if cfg.DatabaseURL == "" {
 		// Opening would make an empty store, which lists no build.
 		if _, err := os.Stat(sqlitePath(cfg.DataDir)); err != nil {
