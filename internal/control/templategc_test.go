@@ -15,6 +15,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/control"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
 	"github.com/warren-sh/warren/internal/store"
 	"github.com/warren-sh/warren/internal/template"
 )
@@ -136,6 +137,22 @@ func TestTemplateGCRoots(t *testing.T) {
 	}
 }
 
+// newBaseData is a data directory with the base image, whose store has the
+// default team (the base template's owner); it returns the image's files.
+func newBaseData(t *testing.T) (*gcData, []string) {
+	t.Helper()
+	f := newFixture(t)
+	d := &gcData{t: t, f: f, dataDir: t.TempDir()}
+	_, _, err := control.Bootstrap(context.Background(), f.store, control.TeamLimits{}, "")
+	must(t, err)
+	base := filepath.Join(d.dataDir, "templates", "base")
+	must(t, os.MkdirAll(base, 0o700))
+	image := []string{filepath.Join(base, "rootfs.ext4"), filepath.Join(base, "manifest.json")}
+	must(t, os.WriteFile(image[0], make([]byte, 1<<20), 0o600))
+	must(t, os.WriteFile(image[1], []byte("{}"), 0o600))
+	return d, image
+}
+
 // baseBuild makes base build id in the data directory as EnsureBase does
 // (its root disk a link of the base image, its snapshot disk an overlay of
 // that) and records it as warren up does, as the current base build.
@@ -173,19 +190,6 @@ func overlay(t *testing.T, p, backing string) string {
 	return p
 }
 
-// wantChain checks that every file along a disk's backing chain is there.
-func wantChain(t *testing.T, disk string) {
-	t.Helper()
-	for p := disk; p != ""; {
-		next, err := microvm.BackingFile(p)
-		if err != nil {
-			t.Errorf("chain of %s: %v", disk, err)
-			return
-		}
-		p = next
-	}
-}
-
 func buildIDs(builds []*store.Build) []string {
 	var ids []string
 	for _, b := range builds {
@@ -207,18 +211,11 @@ func sorted(ids ...string) []string {
 // built from them. Those go once nothing does. A tag or a build queued from
 // an old build keeps its row. The base image and the current build stay.
 func TestTemplateGCRetiresBaseBuilds(t *testing.T) {
-	f := newFixture(t)
-	d := &gcData{t: t, f: f, dataDir: t.TempDir()}
+	d, image := newBaseData(t)
+	f := d.f
 	ctx := context.Background()
-	_, _, err := control.Bootstrap(ctx, f.store, control.TeamLimits{}, "")
-	must(t, err)
 	defaultTeam, err := f.store.GetTeam(ctx, control.DefaultTeamID)
 	must(t, err)
-	base := filepath.Join(d.dataDir, "templates", "base")
-	must(t, os.MkdirAll(base, 0o700))
-	image := []string{filepath.Join(base, "rootfs.ext4"), filepath.Join(base, "manifest.json")}
-	must(t, os.WriteFile(image[0], make([]byte, 1<<20), 0o600))
-	must(t, os.WriteFile(image[1], []byte("{}"), 0o600))
 	disk := func(dir string) string { return microvm.SnapshotDisk(filepath.Join(dir, "snapshot")) }
 
 	// Six warren versions, each with its base build; the last is current.
@@ -307,7 +304,9 @@ func TestTemplateGCRetiresBaseBuilds(t *testing.T) {
 		}
 	}
 	for _, disk := range []string{pausedDisk, runningDisk, microvm.SnapshotDisk(filepath.Join(userDir, "snapshot"))} {
-		wantChain(t, disk)
+		if err := microvmtest.OpenChain(disk); err != nil {
+			t.Error(err)
+		}
 	}
 	if _, err := template.LoadArtifact(currentDir); err != nil {
 		t.Errorf("the current build: %v", err)
@@ -361,17 +360,10 @@ func TestTemplateGCRetiresBaseBuilds(t *testing.T) {
 // names the current base build) keeps every base build: which one is
 // current is not known.
 func TestTemplateGCRetiresNothingWithoutCurrentBase(t *testing.T) {
-	f := newFixture(t)
-	d := &gcData{t: t, f: f, dataDir: t.TempDir()}
-	ctx := context.Background()
-	_, _, err := control.Bootstrap(ctx, f.store, control.TeamLimits{}, "")
-	must(t, err)
-	base := filepath.Join(d.dataDir, "templates", "base")
-	must(t, os.MkdirAll(base, 0o700))
-	must(t, os.WriteFile(filepath.Join(base, "rootfs.ext4"), make([]byte, 1<<20), 0o600))
+	d, _ := newBaseData(t)
 	oldDir, _ := d.baseBuild("000000000000000a")
 	currentDir, _ := d.baseBuild("0123456789abcdef")
-	must(t, f.store.DeleteTag(ctx, control.BaseTemplateID, "default"))
+	must(t, d.f.store.DeleteTag(context.Background(), control.BaseTemplateID, "default"))
 
 	res := d.collect()
 	if len(res.Retired) != 0 || res.Removed["base"] != 0 || !exists(oldDir) || !exists(currentDir) {

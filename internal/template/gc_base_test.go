@@ -12,6 +12,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
 )
 
 // Base build IDs: newTree's boot files are the current build's.
@@ -50,20 +51,6 @@ func (tr *tree) baseBuild(id string) string {
 // templates built from it overlay.
 func (tr *tree) baseDisk(id string) string {
 	return microvm.SnapshotDisk(tr.path(baseDir + "/" + id + "/" + snapshotDir))
-}
-
-// wantChain checks that a disk's whole backing chain is there: QEMU can
-// open it.
-func wantChain(t *testing.T, disk string) {
-	t.Helper()
-	for p := disk; p != ""; {
-		next, err := microvm.BackingFile(p)
-		if err != nil {
-			t.Errorf("chain of %s: %v", disk, err)
-			return
-		}
-		p = next
-	}
 }
 
 // TestGCSupersededBaseBuilds: an old base build goes once nothing builds on
@@ -150,7 +137,9 @@ func TestGCSupersededBaseBuilds(t *testing.T) {
 				wantExist(t, true, filepath.Join(old, kernelFile), filepath.Join(old, initramfsFile))
 			}
 			for _, d := range disks {
-				wantChain(t, d)
+				if err := microvmtest.OpenChain(d); err != nil {
+					t.Error(err)
+				}
 			}
 		})
 	}

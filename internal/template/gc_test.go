@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/runtime/microvm"
+	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
 )
 
 // tree is a data directory under construction.
@@ -447,16 +448,7 @@ func crashTree(tr *tree) (live string, keep []string) {
 func brokenTrusted(tr *tree) []string {
 	var out []string
 	bd := &build{b: &LocalBuilder{cfg: BuilderConfig{DataDir: tr.dataDir}}}
-	chain := func(p string) error {
-		for p != "" {
-			next, err := microvm.BackingFile(p)
-			if err != nil {
-				return err
-			}
-			p = next
-		}
-		return nil
-	}
+	chain := microvmtest.OpenChain
 	entries, _ := filepath.Glob(tr.path(layersDir + "/*.json"))
 	for _, e := range entries {
 		if layer := bd.layerOf(strings.TrimSuffix(filepath.Base(e), ".json")); layer != "" {

@@ -1,4 +1,5 @@
-// Package microvmtest holds helpers for tests that run real microVMs.
+// Package microvmtest holds helpers for tests that run real microVMs or
+// check their disks.
 package microvmtest
 
 import (
@@ -45,4 +46,18 @@ func ReapLeftovers(dir, prefix string) {
 			os.RemoveAll(d)
 		}
 	}
+}
+
+// OpenChain checks that every file along a disk's backing chain (qcow2
+// headers naming backing files) is there, as QEMU opens them: an error
+// names what is missing or unreadable.
+func OpenChain(disk string) error {
+	for p := disk; p != ""; {
+		next, err := microvm.BackingFile(p)
+		if err != nil {
+			return fmt.Errorf("backing chain of %s: %w", disk, err)
+		}
+		p = next
+	}
+	return nil
 }
