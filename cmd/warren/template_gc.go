@@ -20,8 +20,9 @@ func runTemplateGC(args []string) error {
 Removes what no template build, sandbox or running build of this host's data
 directory uses: step layers, source images, build artifacts (of deleted
 templates, of failed or interrupted builds) and superseded base template
-builds (an upgrade that changes envd makes a new one; the old one goes once
-no sandbox, snapshot or template builds on it), and trims the build cache to
+builds (an upgrade that changes envd makes a new one; the store retires the
+old one, which goes once no sandbox, snapshot or template builds on it; a
+base build the store never recorded stays), and trims the build cache to
 --template-cache-max, least recently used first. 'warren up' does the same
 after every build and template deletion, and hourly; this runs one now, beside
 a running warren or without one. Give it the data directory and database

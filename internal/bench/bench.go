@@ -45,9 +45,7 @@ import (
 // Options configures a run. Counts of zero skip a part where noted.
 type Options struct {
 	// DataDir is the bench's own warren data dir: its store is reset every
-	// run; the guest kernel, base image and base build stay for the next
-	// (older base builds go with the collection of template storage that
-	// the bench's warren runs at start).
+	// run; the guest kernel, base image and base build stay for the next.
 	DataDir string
 	// SeedFrom, if set, is another warren data dir whose guest kernel and
 	// base root image are hard-linked into DataDir when it has none, so the
@@ -384,11 +382,30 @@ func prepare(ctx context.Context, o Options, n int, res *Results, say func(strin
 		}); err != nil {
 			return err
 		}
+		pruneBuilds(o.DataDir, art.BuildID, say)
 		say("restore floor: %d raw clone restores of base build %s after one warm-up", n, art.BuildID)
 		res.RestoreFloor, res.FirstCommand, err = restoreFloor(ctx, rt, pool, art, n)
 		return err
 	})
 	return art, err
+}
+
+// pruneBuilds removes the bench data dir's base builds other than keep:
+// every envd change makes a new one of a few hundred MiB, and the bench's
+// data dir runs nothing else. Its warren's collection of template storage
+// does not: the store is new each run, and a collection removes only the
+// base builds its own store retired.
+func pruneBuilds(dataDir, keep string, say func(string, ...any)) {
+	dirs, _ := filepath.Glob(filepath.Join(dataDir, "templates", "base", "*"))
+	for _, d := range dirs {
+		id := filepath.Base(d)
+		if id == keep || len(id) != 16 || strings.Trim(id, "0123456789abcdef") != "" {
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			say("remove old base build %s: %v", d, err)
+		}
+	}
 }
 
 // benchServer is warren running in this process.

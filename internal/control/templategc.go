@@ -85,16 +85,17 @@ func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*GCResult, error
 		log = slog.New(slog.DiscardHandler)
 	}
 	out := &GCResult{}
-	retire := func(ctx context.Context) (err error) {
-		out.Retired, err = retireBase(ctx, g.Store, dryRun)
+	retire := func(ctx context.Context) (dirs []string, err error) {
+		out.Retired, err = retireBase(ctx, g.Store, g.DataDir, dryRun)
 		for _, b := range out.Retired {
 			msg := "base build retired: superseded, and nothing can start from it any more"
 			if dryRun {
 				msg = "base build would be retired (dry run): superseded, and nothing can start from it any more"
 			}
 			log.Info(msg, "build", b.ID, "artifact", b.Artifact, "created", b.CreatedAt)
+			dirs = append(dirs, dataPath(g.DataDir, b.Artifact))
 		}
-		return err
+		return dirs, err
 	}
 	res, err := template.CollectGarbage(ctx, template.GCOptions{
 		DataDir: g.DataDir, InUse: g.InUse, CacheMax: g.CacheMax, DryRun: dryRun, Log: g.Log,
@@ -130,8 +131,10 @@ func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*GCResult, error
 // (startPaused does without the row); and the build's files stay while
 // anything builds on them (running and paused sandboxes' disks, named
 // snapshots, templates built from it), which the collection finds by their
-// chains. With dryRun it only says which builds would go.
-func retireBase(ctx context.Context, st store.Store, dryRun bool) ([]*store.Build, error) {
+// chains. Each build's directory is marked retired first
+// (template.RetireBaseBuild): a collection removes no base build the store
+// did not retire. With dryRun it only says which builds would go.
+func retireBase(ctx context.Context, st store.Store, dataDir string, dryRun bool) ([]*store.Build, error) {
 	current, err := st.GetTag(ctx, BaseTemplateID, defaultTag)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, nil // recorded by an older warren: which build is current is not known
@@ -169,6 +172,11 @@ func retireBase(ctx context.Context, st store.Store, dryRun bool) ([]*store.Buil
 			continue
 		}
 		if !dryRun {
+			if b.Artifact != "" {
+				if err := template.RetireBaseBuild(dataPath(dataDir, b.Artifact)); err != nil {
+					return retired, err
+				}
+			}
 			if err := st.DeleteBuild(ctx, b.ID); err != nil && !errors.Is(err, store.ErrNotFound) {
 				return retired, fmt.Errorf("retire base build %s: %w", b.ID, err)
 			}

@@ -159,8 +159,19 @@ func newBaseData(t *testing.T) (*gcData, []string) {
 func (d *gcData) baseBuild(id string) (dir, buildID string) {
 	d.t.Helper()
 	ctx := context.Background()
+	dir = d.baseDir(id)
+	must(d.t, control.EnsureBaseTemplate(ctx, d.f.store, control.BaseBuild{Key: id, Artifact: dir}))
+	tag, err := d.f.store.GetTag(ctx, control.BaseTemplateID, "default")
+	must(d.t, err)
+	return dir, tag.BuildID
+}
+
+// baseDir makes base build id's directory as EnsureBase does, and records
+// nothing.
+func (d *gcData) baseDir(id string) string {
+	d.t.Helper()
 	base := filepath.Join(d.dataDir, "templates", "base")
-	dir = filepath.Join(base, id)
+	dir := filepath.Join(base, id)
 	snap := filepath.Join(dir, "snapshot")
 	must(d.t, os.MkdirAll(snap, 0o700))
 	root := filepath.Join(dir, "rootfs.ext4")
@@ -176,10 +187,7 @@ func (d *gcData) baseBuild(id string) (dir, buildID string) {
 		Kernel: filepath.Join(dir, "kernel"), Initramfs: filepath.Join(dir, "initramfs.cpio"),
 	})
 	must(d.t, os.WriteFile(filepath.Join(dir, "artifact.json"), a, 0o644))
-	must(d.t, control.EnsureBaseTemplate(ctx, d.f.store, control.BaseBuild{Key: id, Artifact: dir}))
-	tag, err := d.f.store.GetTag(ctx, control.BaseTemplateID, "default")
-	must(d.t, err)
-	return dir, tag.BuildID
+	return dir
 }
 
 // overlay makes p a qcow2 overlay of backing (a sandbox's or a layer's disk).
@@ -368,5 +376,30 @@ func TestTemplateGCRetiresNothingWithoutCurrentBase(t *testing.T) {
 	res := d.collect()
 	if len(res.Retired) != 0 || res.Removed["base"] != 0 || !exists(oldDir) || !exists(currentDir) {
 		t.Errorf("retired %v, removed %v; want every base build kept", buildIDs(res.Retired), res.Removed)
+	}
+}
+
+// TestTemplateGCKeepsBaseBuildsOfOtherStores: a base build in the data
+// directory that this store never recorded (another store's: the store was
+// reset, or several warrens and test binaries share a cache of base builds)
+// stays, though nothing this store knows reaches it; the builds this store
+// retires go.
+func TestTemplateGCKeepsBaseBuildsOfOtherStores(t *testing.T) {
+	d, image := newBaseData(t)
+	foreign := d.baseDir("00000000000000ff")
+	oldDir, old := d.baseBuild("000000000000000a")
+	currentDir, _ := d.baseBuild("0123456789abcdef")
+
+	res := d.collect()
+	if got := buildIDs(res.Retired); !slices.Equal(got, []string{old}) || res.Removed["base"] != 1 {
+		t.Errorf("retired %v and removed %v; want %s retired and removed", got, res.Removed, old)
+	}
+	for p, keep := range map[string]bool{foreign: true, oldDir: false, currentDir: true, image[0]: true, image[1]: true} {
+		if exists(p) != keep {
+			t.Errorf("%s: exists %v, want %v", p, exists(p), keep)
+		}
+	}
+	if _, err := template.LoadArtifact(foreign); err != nil {
+		t.Errorf("the other store's build: %v", err)
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -56,6 +57,10 @@ const (
 	initSecretFile = "init-secret"
 	snapshotDir    = "snapshot"
 	lockFile       = ".artifact.lock" // in baseDir
+	// retiredFile, in a base build's directory, says the store that
+	// recorded the build dropped it (RetireBaseBuild): only such a build
+	// may be collected.
+	retiredFile = "retired"
 )
 
 // baseDir, under <dataDir>/templates, holds the base template's builds
@@ -236,7 +241,8 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 	base := filepath.Join(dataDir, "templates", baseDir)
 	dir := filepath.Join(base, id)
 	// Held until the build is recorded too: a collection would take a
-	// cached build the store does not list (after a downgrade) for garbage.
+	// cached build the store retired (before a downgrade) and does not list
+	// yet for garbage.
 	unlock, err := fslock.Lock(ctx, filepath.Join(base, lockFile), nil)
 	if err != nil {
 		return nil, err
@@ -245,7 +251,12 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 	a, err := LoadArtifact(dir)
 	if err == nil {
 		p.phase("cached build %s", id)
-	} else if a, err = makeBase(ctx, p, dir, in, kernel, img, opts); err != nil {
+		// A store may have retired it (before a downgrade): in use again.
+		err = unretireBase(dir)
+	} else {
+		a, err = makeBase(ctx, p, dir, in, kernel, img, opts)
+	}
+	if err != nil {
 		return nil, err
 	}
 	if opts.Register != nil {
@@ -254,6 +265,15 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		}
 	}
 	return a, nil
+}
+
+// unretireBase undoes RetireBaseBuild: the base build in dir is in use
+// again, and no collection may take it. Call it under the base builds' lock.
+func unretireBase(dir string) error {
+	if err := os.Remove(filepath.Join(dir, retiredFile)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("take back retired build %s: %w", dir, err)
+	}
+	return nil
 }
 
 // makeBase builds the base template's artifact in dir from scratch.

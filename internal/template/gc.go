@@ -26,9 +26,10 @@ import (
 //
 // What may go, under <dataDir>/templates: step layers (layers/*.qcow2),
 // source disks (sources/*.ext4), build artifacts (<template>/<build>/) and
-// the base template's builds (base/<16 hex digits>/, EnsureBase), each as a
-// whole. The base image beside those (base/rootfs.ext4, manifest.json) and
-// anything else in base/ is never touched. What references what:
+// the base template's builds (base/<16 hex digits>/, EnsureBase; only those
+// the store retired, below), each as a whole. The base image beside those
+// (base/rootfs.ext4, manifest.json) and anything else in base/ is never
+// touched. What references what:
 //
 //	artifact  artifact.json names its root disk (the last step's layer, a
 //	          source, or another artifact's snapshot disk), its kernel and
@@ -47,14 +48,24 @@ import (
 // artifact under GCOptions.InUse, and running builds (pins, below). The cache
 // entries (layers/<hash>.json → a layer, finals/<key>.json → an artifact) are
 // kept, most recently used first, while what they keep beyond the roots fits
-// GCOptions.CacheMax; everything neither reaches is removed. A base build no
-// root reaches is superseded: no build can start from it again (its row is
-// gone, GCOptions.RetireBase), so the cache entries that reach it are stale.
+// GCOptions.CacheMax; everything neither reaches is removed.
+//
+// Base builds are the exception: a collection removes only those the store
+// retired (GCOptions.RetireBase marks each, RetireBaseBuild, before the store
+// drops it), once no root reaches them, and dead ones (no artifact.json: a
+// build that died). A base build it merely finds unlisted stays: the data
+// directory may be shared with what another store, or none, recorded (a
+// store reset, tests sharing a cache of base builds), and a base build
+// wrongly removed breaks whoever restores it next, while one wrongly kept
+// only takes disk. A retired build no root reaches is superseded: no build
+// can start from it again, so the cache entries that reach it are stale.
 //
 // A base build's directory has no artifact.json while EnsureBase makes it,
 // and one the store does not list until EnsureBase has recorded it
-// (BaseOptions.Register): both under base/.artifact.lock. A collection takes
-// that lock if it is free, and otherwise leaves the base builds alone.
+// (BaseOptions.Register): both under base/.artifact.lock, as are a
+// retirement and EnsureBase taking a retired build back (it clears the
+// mark). A collection takes that lock if it is free, and otherwise leaves
+// the base builds alone.
 //
 // Bookkeeping files under <dataDir>/templates:
 //
@@ -135,9 +146,12 @@ type GCOptions struct {
 	// RetireBase, when set, is called before Live under the cache lock and
 	// the base builds' lock, so that no base build is being recorded
 	// meanwhile: the store may drop the base builds nothing can start from
-	// any more, whose files then go unless something reaches them. A
-	// collection that finds a base build being made does not call it.
-	RetireBase func(context.Context) error
+	// any more, marking each retired first (RetireBaseBuild), and returns
+	// their artifact directories (with DryRun: those it would retire, and
+	// marks nothing). Only retired base builds go, once nothing reaches
+	// them. A collection that finds a base build being made does not call
+	// it.
+	RetireBase func(context.Context) (retired []string, err error)
 	// CacheMax bounds the bytes the kept cache entries hold beyond the roots;
 	// NoCacheLimit keeps every valid entry.
 	CacheMax int64
@@ -251,6 +265,19 @@ func (c *collector) lockBase() (unlock func(), err error) {
 // baseBuildName is the name of a base build's directory
 // (BaseInputs.BuildID).
 var baseBuildName = regexp.MustCompile(`^[0-9a-f]{16}$`)
+
+// RetireBaseBuild marks the base build in dir retired by the store that
+// recorded it: a collection may remove it once nothing reaches it. Call it
+// in GCOptions.RetireBase, before the store drops the build (a crash in
+// between leaves a listed build, retired again next time, rather than an
+// unlisted one no collection removes). A missing dir is no error.
+func RetireBaseBuild(dir string) error {
+	err := os.WriteFile(filepath.Join(dir, retiredFile), []byte(time.Now().UTC().Format(time.RFC3339)+"\n"), 0o600)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("mark base build %s retired: %w", dir, err)
+	}
+	return nil
+}
 
 // item is something a collection may remove: a layer or source file, or an
 // artifact directory (a base build's too).
@@ -420,13 +447,8 @@ func (c *collector) scan() error {
 					return err
 				}
 			}
-		case name == baseDir && top.IsDir():
-			if c.baseLocked {
-				if err := c.scanBase(dir); err != nil {
-					return err
-				}
-			}
-		case !top.IsDir() || strings.HasPrefix(name, "."):
+		case !top.IsDir() || strings.HasPrefix(name, ".") || name == baseDir:
+			// base/: scanBase, once the store has retired what it retires.
 		case name == layersDir, name == sourcesDir, name == finalsDir:
 			if err := c.scanCache(dir, name); err != nil {
 				return err
@@ -476,16 +498,35 @@ func (c *collector) scanCache(dir, name string) error {
 	return nil
 }
 
-// scanBase lists the base builds; the base image and the lock files beside
-// them are not items.
-func (c *collector) scanBase(dir string) error {
+// scanBase lists the base builds that may go: those marked retired, those
+// named in retired (RetireBase's answer: in a dry run they are not marked)
+// and dead ones, without artifact.json (under the base builds' lock no
+// build is being made, and EnsureBase would redo such a one from scratch).
+// Any other base build stays, with the base image and the lock files.
+func (c *collector) scanBase(retired []string) error {
+	dir := filepath.Join(c.root, baseDir)
 	builds, err := os.ReadDir(dir)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
+	named := map[string]bool{}
+	for _, p := range retired {
+		if rel, ok := c.rel(p); ok {
+			named[rel] = true
+		}
+	}
 	for _, b := range builds {
-		if b.IsDir() && baseBuildName.MatchString(b.Name()) {
-			c.addItem("base", filepath.Join(dir, b.Name()))
+		if !b.IsDir() || !baseBuildName.MatchString(b.Name()) {
+			continue
+		}
+		p := filepath.Join(dir, b.Name())
+		_, markErr := os.Stat(filepath.Join(p, retiredFile))
+		_, artErr := os.Stat(filepath.Join(p, artifactFile))
+		if markErr == nil || named[filepath.Join(baseDir, b.Name())] || errors.Is(artErr, fs.ErrNotExist) {
+			c.addItem("base", p)
 		}
 	}
 	return nil
@@ -522,9 +563,16 @@ func (c *collector) readEntry(p string, final bool, f fs.DirEntry) {
 // findRoots gathers the live artifacts, what the InUse directories hold and
 // what running builds use.
 func (c *collector) findRoots(ctx context.Context) error {
-	if c.baseLocked && c.opts.RetireBase != nil {
-		if err := c.opts.RetireBase(ctx); err != nil {
-			return fmt.Errorf("retire base builds: %w", err)
+	if c.baseLocked {
+		var retired []string
+		if c.opts.RetireBase != nil {
+			var err error
+			if retired, err = c.opts.RetireBase(ctx); err != nil {
+				return fmt.Errorf("retire base builds: %w", err)
+			}
+		}
+		if err := c.scanBase(retired); err != nil {
+			return err
 		}
 	}
 	if c.opts.Live != nil {
@@ -689,22 +737,32 @@ func (c *collector) closure(paths []string) (map[*item]bool, []string, error) {
 
 // owner is the item that holds path, if any.
 func (c *collector) owner(p string) *item {
-	rel, err := filepath.Rel(c.root, p)
-	if err != nil || !filepath.IsLocal(rel) {
-		// Maybe under root by another path (newCollector).
-		real, rerr := filepath.EvalSymlinks(p)
-		if rerr != nil {
-			return nil
-		}
-		if rel, err = filepath.Rel(c.root, real); err != nil || !filepath.IsLocal(rel) {
-			return nil
-		}
+	rel, ok := c.rel(p)
+	if !ok {
+		return nil
 	}
 	parts := strings.SplitN(rel, string(filepath.Separator), 3)
 	if len(parts) < 2 {
 		return nil
 	}
 	return c.items[filepath.Join(c.root, parts[0], parts[1])]
+}
+
+// rel is p relative to the templates directory, if p is under it, maybe
+// by another path (newCollector).
+func (c *collector) rel(p string) (string, bool) {
+	rel, err := filepath.Rel(c.root, p)
+	if err == nil && filepath.IsLocal(rel) {
+		return rel, true
+	}
+	real, err := filepath.EvalSymlinks(p)
+	if err != nil {
+		return "", false
+	}
+	if rel, err = filepath.Rel(c.root, real); err != nil || !filepath.IsLocal(rel) {
+		return "", false
+	}
+	return rel, true
 }
 
 // refsOf is what the file or directory at p references: a qcow2 image's

@@ -47,15 +47,29 @@ func (tr *tree) baseBuild(id string) string {
 	return tr.artifactBooting(dir, root, kernel, initrd)
 }
 
+// retire returns a GCOptions.RetireBase that retires the base builds in
+// dirs as the store does (control.TemplateGC): each marked, unless in a dry
+// run, and all returned.
+func retire(t *testing.T, dryRun bool, dirs ...string) func(context.Context) ([]string, error) {
+	return func(context.Context) ([]string, error) {
+		if !dryRun {
+			for _, d := range dirs {
+				must(t, RetireBaseBuild(d))
+			}
+		}
+		return dirs, nil
+	}
+}
+
 // baseDisk is a base build's snapshot disk: what its sandboxes and the
 // templates built from it overlay.
 func (tr *tree) baseDisk(id string) string {
 	return microvm.SnapshotDisk(tr.path(baseDir + "/" + id + "/" + snapshotDir))
 }
 
-// TestGCSupersededBaseBuilds: an old base build goes once nothing builds on
-// it, whatever it is, and stays, whole, while anything does; the current
-// build and the base image stay.
+// TestGCSupersededBaseBuilds: an old base build the store retired goes once
+// nothing builds on it, whatever it is, and stays, whole, while anything
+// does; the current build and the base image stay.
 func TestGCSupersededBaseBuilds(t *testing.T) {
 	for _, tc := range []struct {
 		name string
@@ -114,6 +128,7 @@ func TestGCSupersededBaseBuilds(t *testing.T) {
 			opts, disks := tc.use(tr)
 			opts.Live = appendLive(opts.Live, current)
 			opts.CacheMax = 0
+			opts.RetireBase = retire(t, false, old)
 			res := tr.collect(opts)
 
 			wantExist(t, true, image...)
@@ -177,7 +192,10 @@ func TestGCLeavesBaseBuildsBeingMade(t *testing.T) {
 	retired := 0
 	opts := GCOptions{
 		Live: liveDirs(current), CacheMax: 0,
-		RetireBase: func(context.Context) error { retired++; return nil },
+		RetireBase: func(ctx context.Context) ([]string, error) {
+			retired++
+			return retire(t, false, old)(ctx)
+		},
 	}
 	res := tr.collect(opts)
 	wantExist(t, true, making, old, current)
@@ -186,7 +204,7 @@ func TestGCLeavesBaseBuildsBeingMade(t *testing.T) {
 	}
 
 	// The lock free, the unfinished directory is a dead build's (EnsureBase
-	// would remove it too), and the old build goes.
+	// would remove it too; no store need retire it), and the old build goes.
 	unlock()
 	res = tr.collect(opts)
 	wantExist(t, false, making, old)
@@ -197,15 +215,66 @@ func TestGCLeavesBaseBuildsBeingMade(t *testing.T) {
 	}
 }
 
+// TestGCSupersededBaseBuildDryRun: a dry run counts the base builds the
+// store would retire (it marks none) and removes nothing.
 func TestGCSupersededBaseBuildDryRun(t *testing.T) {
 	tr := newTree(t)
 	tr.baseImage()
 	current := tr.baseBuild(currentBase)
 	old := tr.baseBuild(oldBase)
-	res := tr.collect(GCOptions{Live: liveDirs(current), CacheMax: 0, DryRun: true})
+	res := tr.collect(GCOptions{Live: liveDirs(current), CacheMax: 0, DryRun: true, RetireBase: retire(t, true, old)})
 	wantExist(t, true, old, current)
+	wantExist(t, false, filepath.Join(old, retiredFile))
 	if res.Removed["base"] != 1 || res.FreedBytes < 64<<10 {
 		t.Errorf("dry run reports %v, %d bytes; want the old base build", res.Removed, res.FreedBytes)
+	}
+}
+
+// TestGCKeepsBaseBuildsNotRetired: a collection removes only the base
+// builds its store retired (RetireBase now, or marked by an earlier
+// collection), never one it merely does not know: a data directory may hold
+// base builds another store recorded (a store reset; test binaries and a
+// warren sharing a cache of base builds), and such a build, removed, would
+// fail whoever restores it next. A retired build that EnsureBase takes back
+// (unretireBase) is not retired any more.
+func TestGCKeepsBaseBuildsNotRetired(t *testing.T) {
+	tr := newTree(t)
+	image := tr.baseImage()
+	current := tr.baseBuild(currentBase)
+	foreign := tr.baseBuild("1111111111111111")   // another store's current build
+	earlier := tr.baseBuild("2222222222222222")   // retired by an earlier collection
+	inUse := tr.baseBuild("3333333333333333")     // retired earlier, a sandbox still on it
+	takenBack := tr.baseBuild("4444444444444444") // retired, then EnsureBase's again
+	now := tr.baseBuild("5555555555555555")       // retired by this collection
+	for _, d := range []string{earlier, inUse, takenBack} {
+		must(t, RetireBaseBuild(d))
+	}
+	must(t, unretireBase(takenBack))
+	// A cached step over the foreign build is no more stale than the build.
+	step := tr.layer("h1", "b1", tr.baseDisk("1111111111111111"), hourly(1))
+	vms := filepath.Join(tr.dataDir, "vms")
+	sandbox := tr.qcow2(filepath.Join(vms, "i1", "overlay.qcow2"), tr.baseDisk("3333333333333333"), 64<<10)
+	opts := GCOptions{Live: liveDirs(current), InUse: []string{vms}, CacheMax: NoCacheLimit, RetireBase: retire(t, false, now)}
+
+	res := tr.collect(opts)
+	wantExist(t, true, image...)
+	wantExist(t, true, current, foreign, inUse, takenBack, step, tr.path(layersDir+"/h1.json"))
+	wantExist(t, false, earlier, now)
+	if res.Removed["base"] != 2 || res.Stale != 0 {
+		t.Errorf("removed %v, %d stale entries; want the 2 retired base builds nothing uses, no entry", res.Removed, res.Stale)
+	}
+	if err := microvmtest.OpenChain(sandbox); err != nil {
+		t.Error(err)
+	}
+
+	// The sandbox gone, its retired build goes; the others stay.
+	must(t, os.RemoveAll(vms))
+	opts.RetireBase = retire(t, false)
+	res = tr.collect(opts)
+	wantExist(t, false, inUse)
+	wantExist(t, true, current, foreign, takenBack, step)
+	if res.Removed["base"] != 1 {
+		t.Errorf("removed %v, want the retired build the sandbox used", res.Removed)
 	}
 }
 
@@ -224,7 +293,7 @@ func TestGCCacheOverSupersededBase(t *testing.T) {
 	finalOld := tr.final("f1", deleted, hourly(2))
 	fresh := tr.layer("h2", "b2", tr.baseDisk(currentBase), hourly(1))
 
-	res := tr.collect(GCOptions{Live: liveDirs(current), CacheMax: NoCacheLimit})
+	res := tr.collect(GCOptions{Live: liveDirs(current), CacheMax: NoCacheLimit, RetireBase: retire(t, false, old)})
 	wantExist(t, false, old, stale, deleted, finalOld, tr.path(layersDir+"/h1.json"))
 	wantExist(t, true, current, fresh, tr.path(layersDir+"/h2.json"))
 	if res.Stale != 2 || res.Removed["base"] != 1 || res.CacheEntries != 1 {
@@ -252,14 +321,25 @@ func TestGCDataDirByAnotherPath(t *testing.T) {
 	tr.qcow2(filepath.Join(vms, "i1", "overlay.qcow2"), tr.baseDisk(oldBase), 64<<10)
 	user := tr.artifact("t1", "b1", tr.layer("h1", "b1", tr.baseDisk(currentBase), time.Time{}))
 
+	// The store names the old build by up's spelling; a dry run does not
+	// mark it, so the collection must recognise the name.
 	for _, dataDir := range []string{realDir, link} {
 		res, err := CollectGarbage(t.Context(), GCOptions{
 			DataDir: dataDir, Live: liveDirs(current, user), InUse: []string{filepath.Join(dataDir, "vms")}, CacheMax: 0,
+			RetireBase: retire(t, true, old),
 		})
 		must(t, err)
 		wantExist(t, true, current, old, user)
 		if n := res.Removed["base"] + res.Removed["artifact"] + res.Removed["layer"]; n != 0 {
 			t.Errorf("collection of %s removed %v, want nothing", dataDir, res.Removed)
 		}
+	}
+	must(t, os.RemoveAll(vms))
+	res, err := CollectGarbage(t.Context(), GCOptions{
+		DataDir: realDir, Live: liveDirs(current, user), CacheMax: 0, DryRun: true, RetireBase: retire(t, true, old),
+	})
+	must(t, err)
+	if res.Removed["base"] != 1 {
+		t.Errorf("dry run of %s, the old build retired by up's spelling: removed %v, want it", realDir, res.Removed)
 	}
 }

@@ -437,7 +437,7 @@ func crashTree(tr *tree) (live string, keep []string) {
 	// A superseded base build and a cached step built on it (fromTemplate
 	// base): the entry goes before the build.
 	keep = append(keep, tr.baseImage()...)
-	tr.baseBuild(oldBase)
+	must(tr.t, RetireBaseBuild(tr.baseBuild(oldBase)))
 	tr.layer("ob", "b4", tr.baseDisk(oldBase), hourly(3))
 	return live, keep
 }
