@@ -224,9 +224,18 @@ stop_node() {
 # ---- bin/warren up (API stages) ----
 
 WARREN_BIN=$REPO_ROOT/bin/warren
-# The base template (debootstrap, kernel, first boot: minutes) is cached here
-# and shared with the Go tests; only warren's store and key file are reset.
-WARREN_DATA=${WARREN_COMPAT_DATA_DIR:-/var/tmp/warren-test-cache}
+# compat's own data directory, never the Go tests' cache: its warren starts on
+# a fresh store each stage and collects template storage at start, so it must
+# not share base builds with test binaries that may be restoring them. Its
+# store and key file are reset each stage; templates stay for the next run.
+# Exported for the tests that run warren commands on it (templates/lib.mjs).
+WARREN_DATA=${WARREN_COMPAT_DATA_DIR:-/var/tmp/warren-compat}
+export WARREN_COMPAT_DATA_DIR=$WARREN_DATA
+# The Go tests' cache of the guest kernel and base root image (their
+# cacheDir): seed_warren_data hard-links those from it so that a cold run
+# builds only its own base template (a boot and a snapshot), not the image
+# (debootstrap: minutes). Empty: no seeding.
+WARREN_SEED_FROM=${WARREN_COMPAT_SEED_FROM-/var/tmp/warren-test-cache}
 # The first API key of the empty store (WARREN_BOOTSTRAP_API_KEY). Loopback
 # only, and the store is new each time, so a fixed value is fine.
 WARREN_API_KEY=e2b_0c0ffee00c0ffee00c0ffee00c0ffee00c0ffee0
@@ -241,12 +250,63 @@ WARREN_LOG=
 WARREN_LOCK_FD=
 
 # lock_warren_data takes an exclusive lock on the data directory for the rest
-# of the script: two runs must not reset each other's store.
+# of the script (two runs must not reset each other's store), then seeds it.
 lock_warren_data() {
 	[[ -n $WARREN_LOCK_FD ]] && return 0
+	if [[ -n $WARREN_SEED_FROM && $(realpath -m "$WARREN_DATA") == "$(realpath -m "$WARREN_SEED_FROM")" ]]; then
+		die "the compat data dir $WARREN_DATA is the Go tests' cache: its warren would reset the store and collect template storage there; give WARREN_COMPAT_DATA_DIR a directory of its own"
+	fi
 	mkdir -p "$WARREN_DATA"
 	exec {WARREN_LOCK_FD}>"$WARREN_DATA/compat.lock"
 	flock -n "$WARREN_LOCK_FD" || die "$WARREN_DATA is in use by another compat run (lock $WARREN_DATA/compat.lock)"
+	seed_warren_data
+}
+
+# seed_warren_data hard-links the guest kernel (kernels/) and the base root
+# image (templates/base/rootfs.ext4, manifest.json) from WARREN_SEED_FROM into
+# WARREN_DATA where WARREN_DATA has none, as `warren bench --seed-from` does;
+# nothing else, so no base build, store or cache entry is shared. Those files
+# are only ever replaced by rename, never written in place, so either side
+# replacing its own leaves the other's intact. Without them (nothing to link,
+# another file system) warren fetches and builds its own, as on a fresh host.
+seed_warren_data() {
+	local from=$WARREN_SEED_FROM to=$WARREN_DATA
+	[[ -n $from ]] || return 0
+	if [[ ! -e $to/kernels && -d $from/kernels ]]; then
+		# Whole kernel directories, not .fetch-* (a download under way),
+		# into a temporary directory renamed into place: warren takes one
+		# kernel (several are an error) and would take a half-linked one.
+		local tmp k ok=1
+		tmp=$(mktemp -d "$to/.kernels-seed.XXXXXX")
+		for k in "$from"/kernels/*/; do
+			[[ -d $k ]] || continue
+			cp -al "${k%/}" "$tmp/" 2>/dev/null || ok=
+		done
+		if [[ -n $ok ]] && mv -T "$tmp" "$to/kernels" 2>/dev/null; then
+			echo "compat: linked the guest kernel from $from/kernels"
+		else
+			rm -rf "$tmp"
+			echo "compat: could not link the guest kernel from $from (another file system?); warren fetches its own"
+		fi
+	fi
+	local img=$from/templates/base base=$to/templates/base
+	if [[ ! -e $base/manifest.json && -f $img/manifest.json ]]; then
+		mkdir -p "$base"
+		# Under the image's lock (internal/image's .lock, shared): a rebuild
+		# there replaces the image, then its manifest, so this links a pair.
+		# The manifest last: without it, warren takes the image for a
+		# leftover and builds its own.
+		if (
+			flock -s 9 &&
+				ln -f "$img/rootfs.ext4" "$base/rootfs.ext4" &&
+				ln -f "$img/manifest.json" "$base/manifest.json"
+		) 9>>"$img/.lock" 2>/dev/null; then
+			echo "compat: linked the base root image from $img"
+		else
+			rm -f "$base/manifest.json"
+			echo "compat: could not link the base root image from $img (another file system?); warren builds its own"
+		fi
+	fi
 }
 
 # free_port prints a free TCP port on 127.0.0.1.

@@ -131,11 +131,20 @@ export function ociArchive() {
 }
 
 /**
+ * dataDir is the data dir of the warren under test: run.sh's WARREN_DATA
+ * (lib.sh exports it as WARREN_COMPAT_DATA_DIR), never the Go tests' cache.
+ */
+export function dataDir() {
+  const dir = process.env.WARREN_COMPAT_DATA_DIR
+  assert.ok(dir, 'WARREN_COMPAT_DATA_DIR is not set: run the tests through run.sh')
+  return dir
+}
+
+/**
  * importImage imports an OCI archive into the store of the warren under
- * test (its data dir, run.sh's WARREN_DATA) as `name`.
+ * test (its data dir) as `name`.
  */
 export async function importImage(name, archive) {
-  const dataDir = process.env.WARREN_COMPAT_DATA_DIR || '/var/tmp/warren-test-cache'
-  const r = await warren(['image', 'import', '--data-dir', dataDir, name, archive])
+  const r = await warren(['image', 'import', '--data-dir', dataDir(), name, archive])
   assert.equal(r.code, 0, `warren image import: ${describeRun(r)}`)
 }

@@ -6,7 +6,7 @@ import assert from 'node:assert/strict'
 import { after, before, describe, it } from 'node:test'
 import { Sandbox } from 'e2b'
 import { uniqueName } from '../helpers.mjs'
-import { BUILD_TIMEOUT_MS, describeRun, expectSandbox, importImage, makeContext, ociArchive, warren } from './lib.mjs'
+import { BUILD_TIMEOUT_MS, dataDir, describeRun, expectSandbox, importImage, makeContext, ociArchive, warren } from './lib.mjs'
 
 const archive = ociArchive()
 // run.sh always makes the archive for this file: without it, fail loudly.
@@ -38,12 +38,11 @@ describe('warren template build FROM an imported OCI image', opts, () => {
   after(async () => {
     for (const sb of sandboxes) await Sandbox.kill(sb.sandboxId).catch(() => {})
     context?.remove()
-    // The template and the imported image (and its root image) live in the
-    // shared test data dir: leave nothing of this run there.
+    // The template and the imported image (and its root image) stay in the
+    // compat data dir across runs otherwise: leave nothing of this run there.
     const rm = await warren(['template', 'rm', name])
     assert.equal(rm.code, 0, `warren template rm: ${describeRun(rm)}`)
-    const dataDir = process.env.WARREN_COMPAT_DATA_DIR || '/var/tmp/warren-test-cache'
-    const rmi = await warren(['image', 'rm', '--data-dir', dataDir, image])
+    const rmi = await warren(['image', 'rm', '--data-dir', dataDir(), image])
     assert.equal(rmi.code, 0, `warren image rm: ${describeRun(rmi)}`)
   })
 
