@@ -50,7 +50,7 @@ after(async () => {
 
 describe('e2b template create', opts, () => {
   const name = uniqueName('compat-e2bcli')
-  // The template lives in the shared test data dir: delete it.
+  // The template would stay in the compat data dir: delete it.
   after(async () => {
     // Its sandboxes first: a template in use is not deleted (409).
     for (const sb of sandboxes.splice(0)) await Sandbox.kill(sb.sandboxId).catch(() => {})

@@ -14,7 +14,7 @@ const names = []
 
 after(async () => {
   for (const sb of sandboxes) await Sandbox.kill(sb.sandboxId).catch(() => {})
-  // The templates live in the shared test data dir: delete them.
+  // The templates would stay in the compat data dir: delete them.
   for (const name of names) {
     const r = await warren(['template', 'rm', name])
     assert.equal(r.code, 0, `warren template rm ${name}: ${describeRun(r)}`)
@@ -41,12 +41,16 @@ describe('Template.build from base', opts, () => {
   let logs = []
 
   before(async () => {
+    name = uniqueName('compat-sdk')
+    names.push(name)
     context = makeContext('compat-sdk', {
       'app/index.txt': 'served from the template',
       'app/nested/deep.txt': 'deep file',
+      // Unique to this run, so that the first build is one: the compat
+      // data dir keeps its base build and build cache across runs, and an
+      // earlier run's steps would otherwise all be cached.
+      'app/run.txt': name,
     })
-    name = uniqueName('compat-sdk')
-    names.push(name)
     const started = Date.now()
     const info = await Template.build(web(context.dir), name, {
       cpuCount: 2,
