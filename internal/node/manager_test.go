@@ -230,6 +230,9 @@ func TestKillLeavesNothing(t *testing.T) {
 	root := newRoot()
 	m := newManager(t, node.Config{Runtime: newRuntime(t, root)})
 	info := create(t, m, spec("doomed"))
+	// Its start's connection into envd is kept for the client (the proxy).
+	checkAgentConnection(t, m, info)
+	agent := m.AgentTransport(info.ID)
 	vmDir := filepath.Join(root, info.ID)
 	pids := qemuOf(vmDir)
 	if len(pids) != 1 {
@@ -259,9 +262,16 @@ func TestKillLeavesNothing(t *testing.T) {
 			t.Errorf("%s of a killed sandbox: %v, want ErrNotFound", name, err)
 		}
 	}
+	if tr := m.AgentTransport(info.ID); tr != nil {
+		t.Errorf("AgentTransport of a killed sandbox = %v, want nil", tr)
+	}
 	next := create(t, m, spec("next"))
 	if next.Host != info.Host {
 		t.Errorf("the next sandbox got %s; want the released slot's %s", next.Host, info.Host)
+	}
+	// The killed sandbox's connections never reach the next one in its slot.
+	if r, err := execVia(t.Context(), agent, next, "token-"+next.ID, "true"); err == nil {
+		t.Errorf("a command over the killed sandbox's agent transport ran in the next sandbox of its slot: %+v", r)
 	}
 	if err := m.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
