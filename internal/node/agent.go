@@ -7,7 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-		"sync/atomic"
+	"sync/atomic"
 	"time"
 
 	"github.com/warren-sh/warren/internal/runtime"

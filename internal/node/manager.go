@@ -62,14 +62,14 @@ type Config struct {
 // its template's snapshot inside a network slot. It implements Node and is
 // safe for concurrent use.
 type Manager struct {
-	id          string
-	dataDir     string
-	rt          runtime.Runtime
-	blobs       *blob.Local
-	slots       *netns.Pool
-	max         int
-	log         *slog.Logger
-	dns         []string
+	id      string
+	dataDir string
+	rt      runtime.Runtime
+	blobs   *blob.Local
+	slots   *netns.Pool
+	max     int
+	log     *slog.Logger
+	dns     []string
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // starting, running and being killed
@@ -177,9 +177,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
-		sandboxes:   map[string]*sandbox{},
-		artifacts:   map[string]*template.Artifact{},
-		closing:     make(chan struct{}),
+		sandboxes: map[string]*sandbox{},
+		artifacts: map[string]*template.Artifact{},
+		closing:   make(chan struct{}),
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
 	return m, nil

@@ -2,8 +2,8 @@ package node_test
 
 import (
 	"context"
-	"os"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
