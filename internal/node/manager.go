@@ -16,6 +16,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -51,6 +52,13 @@ type Config struct {
 	// holds. A sandbox may use all the memory its VM has, so by default the
 	// node never promises more memory than the host has free.
 	MaxSandboxes int
+	// MaxStarting caps the sandboxes restored or resumed at once (from the
+	// VM's start to envd's /init); further creates wait their turn. A start
+	// is CPU-bound, under TCG for most of a second of CPU: more at once than
+	// the host has cores all finish late, where taking turns finishes most
+	// of them early. Claims of warm pool VMs never wait. Default: the host's
+	// CPUs (runtime.NumCPU).
+	MaxStarting int
 	// DNS lists the nameservers sandboxes use (their /etc/resolv.conf); none
 	// leaves the template's file as it is.
 	DNS []string
@@ -70,6 +78,8 @@ type Manager struct {
 	max     int
 	log     *slog.Logger
 	dns     []string
+
+	starting chan struct{} // a token per start in progress (Config.MaxStarting)
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // starting, running and being killed
@@ -148,6 +158,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if max < 0 {
 		return nil, fmt.Errorf("node: MaxSandboxes %d is negative", max)
 	}
+	if cfg.MaxStarting < 0 {
+		return nil, fmt.Errorf("node: MaxStarting %d is negative", cfg.MaxStarting)
+	}
 	slotRange := cfg.SlotRange
 	if !slotRange.IsValid() {
 		slotRange = netns.DefaultRange
@@ -179,6 +192,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
 		sandboxes: map[string]*sandbox{},
 		artifacts: map[string]*template.Artifact{},
+		starting:  make(chan struct{}, cmp.Or(cfg.MaxStarting, goruntime.NumCPU())),
 		closing:   make(chan struct{}),
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
@@ -350,6 +364,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	if warm != nil {
 		slot, ag = warm.slot, warm.agent
 	} else {
+		done, err := m.startTurn(ctx, spec.ID)
+		if err != nil {
+			return err
+		}
+		defer done()
 		slot, err = m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
 		if errors.Is(err, netns.ErrExhausted) {
 			return fmt.Errorf("%w: %v", ErrFull, err)
@@ -438,6 +457,22 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	}
 	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "resumed", paused != nil, "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// startTurn waits until fewer than Config.MaxStarting starts are in
+// progress; done ends this one's turn.
+func (m *Manager) startTurn(ctx context.Context, id string) (done func(), err error) {
+	select {
+	case m.starting <- struct{}{}:
+	default:
+		m.log.Debug("create waits for its turn to start", "sandbox", id, "starting", cap(m.starting))
+		select {
+		case m.starting <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for a turn to start (%d start at once): %w", cap(m.starting), ctx.Err())
+		}
+	}
+	return func() { <-m.starting }, nil
 }
 
 // withTemplateDefaults fills what spec leaves unset from the template's

@@ -79,7 +79,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	}
 	mgr, err := node.NewManager(ctx, node.Config{
 		ID: nodeID(), DataDir: cfg.DataDir, Runtime: rt, SlotRange: cfg.SlotRange,
-		MaxSandboxes: cfg.NodeMaxSandboxes, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
+		MaxSandboxes: cfg.NodeMaxSandboxes, MaxStarting: cfg.NodeMaxStarting, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
