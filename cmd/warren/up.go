@@ -57,6 +57,7 @@ Flags (each also read from the environment variable shown):
 	maxSandboxes := e.Int("max-sandboxes", "WARREN_MAX_SANDBOXES", 100, "running sandboxes of the default team at once (0 = no limit)")
 	maxLifetime := e.Duration("max-sandbox-lifetime", "WARREN_MAX_SANDBOX_LIFETIME", 24*time.Hour, "longest a sandbox of the default team may live, from its start")
 	nodeMax := e.Int("node-max-sandboxes", "WARREN_NODE_MAX_SANDBOXES", 0, "sandboxes this host runs at once (0 = derived from memory)")
+	nodeStarting := e.Int("node-max-starting", "WARREN_NODE_MAX_STARTING", 0, "sandboxes this host restores or resumes at once; more creates wait their turn (0 = the host's CPUs: a restore is CPU-bound, and under TCG costs most of a second of CPU); warm pool claims never wait")
 	dns := e.String("sandbox-dns", "WARREN_SANDBOX_DNS", strings.Join(hostDNS(), ","), "comma-separated nameservers for sandboxes' /etc/resolv.conf (default: the host's non-loopback ones)")
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
 	warmPool := e.Int("warm-pool", "WARREN_WARM_POOL", 2, "base sandboxes kept restored and frozen, ready for creates (0: none); each holds a network slot and ~45 MiB")
@@ -88,7 +89,7 @@ Flags (each also read from the environment variable shown):
 	cfg = server.Config{
 		Listen: *listen, PublicURL: *publicURL, DataDir: *dataDir, DatabaseURL: *dbURL, Domain: *domain,
 		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, GuestASLR: *aslr, Envd: *envd, SlotRange: prefix,
-		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax,
+		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax, NodeMaxStarting: *nodeStarting,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
 		TemplateCacheMax: templateCache, ShutdownTimeout: *shutdownTimeout,

@@ -15,6 +15,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -217,7 +218,12 @@ type result struct {
 // exec runs script with bash as the sandbox's default user through envd's
 // process service at the sandbox's slot address.
 func execIn(ctx context.Context, info *node.SandboxInfo, token, script string) (result, error) {
-	client := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+	return execVia(ctx, &http.Transport{DisableKeepAlives: true}, info, token, script)
+}
+
+// execVia is execIn over transport t.
+func execVia(ctx context.Context, t http.RoundTripper, info *node.SandboxInfo, token, script string) (result, error) {
+	client := &http.Client{Transport: t}
 	proc := processconnect.NewProcessClient(client, "http://"+net.JoinHostPort(info.Host, "49983"), connect.WithProtoJSON())
 	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: "/bin/bash", Args: []string{"-c", script}}})
 	req.Header().Set("X-Access-Token", token)
@@ -226,18 +232,25 @@ func execIn(ctx context.Context, info *node.SandboxInfo, token, script string) (
 		return result{}, err
 	}
 	defer stream.Close()
-	var out bytes.Buffer
+	var (
+		out bytes.Buffer
+		end *processpb.ProcessEvent_EndEvent
+	)
+	// To the stream's end, so that a kept-alive connection stays open.
 	for stream.Receive() {
 		ev := stream.Msg().GetEvent()
 		if d := ev.GetData(); d != nil {
 			out.Write(d.GetStdout())
 			out.Write(d.GetStderr())
 		}
-		if end := ev.GetEnd(); end != nil {
-			return result{out: out.String(), exitCode: end.GetExitCode(), exited: end.GetExited(), status: end.GetStatus()}, nil
+		if e := ev.GetEnd(); e != nil {
+			end = e
 		}
 	}
-	return result{out: out.String()}, fmt.Errorf("no end event: %v", stream.Err())
+	if end == nil {
+		return result{out: out.String()}, fmt.Errorf("no end event: %v", stream.Err())
+	}
+	return result{out: out.String(), exitCode: end.GetExitCode(), exited: end.GetExited(), status: end.GetStatus()}, nil
 }
 
 // run runs script in the sandbox; it must exit 0 within a minute.
@@ -253,6 +266,78 @@ func run(t testing.TB, info *node.SandboxInfo, script string) string {
 		t.Fatalf("%s: %q ended with %d (%s): %s", info.ID, script, r.exitCode, r.status, r.out)
 	}
 	return r.out
+}
+
+// agentConnections runs a command in the sandbox over the node's own
+// connections into its envd (Manager.AgentTransport, as the proxy forwards
+// agent traffic) and reports whether the command went over a connection
+// opened before it, and how many TCP connections envd then had in the guest.
+func agentConnections(t testing.TB, m *node.Manager, info *node.SandboxInfo) (reused bool, conns int) {
+	t.Helper()
+	tr := m.AgentTransport(info.ID)
+	if tr == nil {
+		t.Fatalf("AgentTransport(%s) = nil for a running sandbox", info.ID)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	first := true
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(c httptrace.GotConnInfo) {
+		if first {
+			reused, first = c.Reused, false
+		}
+	}})
+	// Established (state 01) connections to local port 49983 (0xC33F); envd
+	// listens on a dual-stack socket, so IPv4 peers show in tcp6.
+	const count = `cat /proc/net/tcp /proc/net/tcp6 | awk '$2 ~ /:C33F$/ && $4 == "01"' | wc -l`
+	r, err := execVia(ctx, tr, info, "token-"+info.ID, count)
+	if err != nil || !r.exited || r.exitCode != 0 {
+		t.Fatalf("%s: count envd's connections over AgentTransport: %v (%s: %s)", info.ID, err, r.status, r.out)
+	}
+	conns, err = strconv.Atoi(strings.TrimSpace(r.out))
+	if err != nil {
+		t.Fatalf("%s: count envd's connections: %q", info.ID, r.out)
+	}
+	return reused, conns
+}
+
+// checkAgentConnection fails unless the sandbox's whole life so far (its
+// start, /init, and the command agentConnections runs) used one connection
+// into its envd, opened before that command.
+func checkAgentConnection(t testing.TB, m *node.Manager, info *node.SandboxInfo) {
+	t.Helper()
+	reused, conns := agentConnections(t, m, info)
+	if !reused || conns != 1 {
+		t.Errorf("%s: a command over AgentTransport reused a connection: %v; envd had %d connections, want 1 (the node's, open since the start)", info.ID, reused, conns)
+	}
+}
+
+// hostAgentConns lists the host's established TCP connections to port 49983
+// of any guest, as "local->remote" (/proc/net/tcp's hex addresses), each with
+// the guest's IP.
+func hostAgentConns(t testing.TB) map[string]netip.Addr {
+	t.Helper()
+	// This thread's view: /proc/net is the main thread's, which a slot's
+	// namespace creation may have left in that namespace (netns.create).
+	goruntime.LockOSThread()
+	defer goruntime.UnlockOSThread()
+	b, err := os.ReadFile("/proc/thread-self/net/tcp")
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]netip.Addr{}
+	for _, line := range strings.Split(string(b), "\n")[1:] {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != "01" || !strings.HasSuffix(f[2], ":C33F") {
+			continue
+		}
+		ip, err := strconv.ParseUint(strings.TrimSuffix(f[2], ":C33F"), 16, 32)
+		if err != nil {
+			t.Fatalf("/proc/net/tcp: %q", line)
+		}
+		// The address is the kernel's u32 in host (little-endian) order.
+		out[f[1]+"->"+f[2]] = netip.AddrFrom4([4]byte{byte(ip), byte(ip >> 8), byte(ip >> 16), byte(ip >> 24)})
+	}
+	return out
 }
 
 // checkNoSlots fails unless no slot namespace, slot veth or warren nftables

@@ -12,11 +12,11 @@ import (
 	"io"
 	"log/slog"
 	"maps"
-	"net"
 	"net/http"
 	"net/netip"
 	"os"
 	"path/filepath"
+	goruntime "runtime"
 	"sort"
 	"strconv"
 	"strings"
@@ -52,6 +52,13 @@ type Config struct {
 	// holds. A sandbox may use all the memory its VM has, so by default the
 	// node never promises more memory than the host has free.
 	MaxSandboxes int
+	// MaxStarting caps the sandboxes restored or resumed at once (from the
+	// VM's start to envd's /init); further creates wait their turn. A start
+	// is CPU-bound, under TCG for most of a second of CPU: more at once than
+	// the host has cores all finish late, where taking turns finishes most
+	// of them early. Claims of warm pool VMs never wait. Default: the host's
+	// CPUs (runtime.NumCPU).
+	MaxStarting int
 	// DNS lists the nameservers sandboxes use (their /etc/resolv.conf); none
 	// leaves the template's file as it is.
 	DNS []string
@@ -63,16 +70,16 @@ type Config struct {
 // its template's snapshot inside a network slot. It implements Node and is
 // safe for concurrent use.
 type Manager struct {
-	id          string
-	dataDir     string
-	rt          runtime.Runtime
-	blobs       *blob.Local
-	slots       *netns.Pool
-	max         int
-	log         *slog.Logger
-	dns         []string
-	client      *http.Client // the node's calls to envd
-	probeDialer *net.Dialer  // the poll for envd's port: quick to give up, so the next try comes soon
+	id      string
+	dataDir string
+	rt      runtime.Runtime
+	blobs   *blob.Local
+	slots   *netns.Pool
+	max     int
+	log     *slog.Logger
+	dns     []string
+
+	starting chan struct{} // a token per start in progress (Config.MaxStarting)
 
 	mu        sync.Mutex
 	sandboxes map[string]*sandbox // starting, running and being killed
@@ -100,6 +107,7 @@ type sandbox struct {
 	vm       runtime.VM
 	slot     *netns.Slot
 	artifact *template.Artifact // what the sandbox started from (with its init secret)
+	agent    *agent             // the connections into its envd
 	boot     []LogLine          // the node's own account of the start
 	ready    chan struct{}
 
@@ -150,6 +158,9 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if max < 0 {
 		return nil, fmt.Errorf("node: MaxSandboxes %d is negative", max)
 	}
+	if cfg.MaxStarting < 0 {
+		return nil, fmt.Errorf("node: MaxStarting %d is negative", cfg.MaxStarting)
+	}
 	slotRange := cfg.SlotRange
 	if !slotRange.IsValid() {
 		slotRange = netns.DefaultRange
@@ -177,18 +188,12 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	if err != nil {
 		return nil, fmt.Errorf("node: %w", err)
 	}
-	// No kept-alive connections: a slot address is reused by the next
-	// sandbox, which would receive a dead one's idle connection. The probe
-	// gives up fast; calls allow for a host whose CPUs are saturated by other
-	// guests (under TCG, 20 idle clones fill 2 cores).
-	dialer := &net.Dialer{Timeout: 10 * time.Second}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
-		client:      &http.Client{Transport: &http.Transport{DisableKeepAlives: true, DialContext: dialer.DialContext}},
-		probeDialer: &net.Dialer{Timeout: 100 * time.Millisecond},
-		sandboxes:   map[string]*sandbox{},
-		artifacts:   map[string]*template.Artifact{},
-		closing:     make(chan struct{}),
+		sandboxes: map[string]*sandbox{},
+		artifacts: map[string]*template.Artifact{},
+		starting:  make(chan struct{}, cmp.Or(cfg.MaxStarting, goruntime.NumCPU())),
+		closing:   make(chan struct{}),
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
 	return m, nil
@@ -352,10 +357,18 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 			}
 		}
 	}
-	var slot *netns.Slot
+	var (
+		slot *netns.Slot
+		ag   *agent
+	)
 	if warm != nil {
-		slot = warm.slot
+		slot, ag = warm.slot, warm.agent
 	} else {
+		done, err := m.startTurn(ctx, spec.ID)
+		if err != nil {
+			return err
+		}
+		defer done()
 		slot, err = m.slots.Acquire(ctx, netns.Policy{AllowInternet: spec.AllowInternet})
 		if errors.Is(err, netns.ErrExhausted) {
 			return fmt.Errorf("%w: %v", ErrFull, err)
@@ -363,12 +376,14 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		if err != nil {
 			return err
 		}
+		ag = newAgent(slot.SlotIP)
 	}
 	var vm runtime.VM
 	defer func() {
 		if err == nil {
 			return
 		}
+		ag.close()
 		// Undo with a context of our own: the caller's may be what failed.
 		undo, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 		defer cancel()
@@ -401,16 +416,14 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		return err
 	}
 	restored := time.Now().UTC()
-	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
 	// A warm VM's envd listened before it was frozen.
 	if warm == nil {
-		if err := m.waitListening(ctx, addr, vm); err != nil {
+		if err := ag.waitListening(ctx, vm); err != nil {
 			return withConsole(err, vm)
 		}
 	}
 	listening := time.Now().UTC()
-	base := "http://" + addr
-	version, err := m.initEnvd(ctx, base, a.InitSecret, withTemplateDefaults(spec, a))
+	version, err := m.initEnvd(ctx, ag, a.InitSecret, withTemplateDefaults(spec, a))
 	if err != nil {
 		return withConsole(err, vm)
 	}
@@ -420,7 +433,7 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 			m.log.Warn("remove a resumed sandbox's paused state", "sandbox", spec.ID, "key", spec.Resume, "err", derr)
 		}
 	}
-	sb.vm, sb.slot, sb.artifact = vm, slot, a
+	sb.vm, sb.slot, sb.artifact, sb.agent = vm, slot, a, ag
 	sb.info.Host = slot.SlotIP.String()
 	sb.info.EnvdVersion = version
 	sb.info.StartedAt = time.Now().UTC()
@@ -444,6 +457,22 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	}
 	m.log.Info("sandbox started", "sandbox", spec.ID, "slot", slot.Name, "host", sb.info.Host, "resumed", paused != nil, "took", time.Since(began).Round(time.Millisecond))
 	return nil
+}
+
+// startTurn waits until fewer than Config.MaxStarting starts are in
+// progress; done ends this one's turn.
+func (m *Manager) startTurn(ctx context.Context, id string) (done func(), err error) {
+	select {
+	case m.starting <- struct{}{}:
+	default:
+		m.log.Debug("create waits for its turn to start", "sandbox", id, "starting", cap(m.starting))
+		select {
+		case m.starting <- struct{}{}:
+		case <-ctx.Done():
+			return nil, fmt.Errorf("waiting for a turn to start (%d start at once): %w", cap(m.starting), ctx.Err())
+		}
+	}
+	return func() { <-m.starting }, nil
 }
 
 // withTemplateDefaults fills what spec leaves unset from the template's
@@ -498,29 +527,6 @@ func (m *Manager) artifact(dir string) (*template.Artifact, error) {
 	return a, nil
 }
 
-// waitListening polls until envd accepts TCP connections, the VM exits or ctx
-// ends. A TCP accept is the guest kernel's work alone: under TCG every clone
-// translates guest code anew, so an HTTP /health probe would make the clone
-// run envd's HTTP path once more before /init, which runs it anyway.
-func (m *Manager) waitListening(ctx context.Context, addr string, vm runtime.VM) error {
-	var last error
-	for {
-		c, err := m.probeDialer.DialContext(ctx, "tcp", addr)
-		if err == nil {
-			c.Close()
-			return nil
-		}
-		last = err
-		select {
-		case <-vm.Done():
-			return errors.New("the VM exited before envd listened")
-		case <-ctx.Done():
-			return fmt.Errorf("envd did not listen: %w (last: %v)", ctx.Err(), last)
-		case <-time.After(5 * time.Millisecond):
-		}
-	}
-}
-
 // initRequest is envd's /init body (internal/envd).
 type initRequest struct {
 	EnvVars        map[string]string `json:"envVars,omitempty"`
@@ -536,7 +542,7 @@ type initRequest struct {
 // user and workdir, the host's clock (a restored clock lags by the
 // snapshot's age) and fresh entropy (every clone resumes the snapshot's RNG
 // state). It returns envd's version.
-func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec SandboxSpec) (string, error) {
+func (m *Manager) initEnvd(ctx context.Context, ag *agent, secret string, spec SandboxSpec) (string, error) {
 	body := initRequest{
 		EnvVars: spec.EnvVars, AccessToken: spec.AccessToken,
 		DefaultUser: cmp.Or(spec.DefaultUser, defaultUser),
@@ -554,11 +560,11 @@ func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec Sandbo
 	if err != nil {
 		return "", err
 	}
-	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/init", bytes.NewReader(b))
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, ag.base+"/init", bytes.NewReader(b))
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set(envd.InitSecretHeader, secret)
 	sent := time.Now()
-	resp, err := m.client.Do(req)
+	resp, err := ag.client.Do(req)
 	if err != nil {
 		return "", fmt.Errorf("envd /init: %w", err)
 	}
@@ -567,7 +573,7 @@ func (m *Manager) initEnvd(ctx context.Context, base, secret string, spec Sandbo
 		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 		return "", fmt.Errorf("envd /init answered %s: %s", resp.Status, bytes.TrimSpace(msg))
 	}
-	m.log.Debug("envd /init", "url", base, "took", time.Since(sent).Round(time.Microsecond), "guest", resp.Header.Get("Server-Timing"))
+	m.log.Debug("envd /init", "url", ag.base, "took", time.Since(sent).Round(time.Microsecond), "guest", resp.Header.Get("Server-Timing"))
 	return resp.Header.Get("X-Envd-Version"), nil
 }
 
@@ -640,6 +646,7 @@ func (m *Manager) teardown(ctx context.Context, sb *sandbox) error {
 	// at most a second or two.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Minute)
 	defer cancel()
+	sb.agent.close()
 	if err := m.rt.Kill(ctx, sb.vm); err != nil {
 		return fmt.Errorf("node: kill %s: %w", sb.info.ID, err)
 	}
@@ -700,6 +707,18 @@ func (m *Manager) running(id string) (*sandbox, error) {
 	return sb, nil
 }
 
+// AgentTransport returns the pool of connections into the envd of running
+// sandbox id, for the proxy to forward the sandbox's agent traffic over
+// (see agent); nil when the sandbox does not run here. Requests through it
+// fail once the sandbox's VM is gone.
+func (m *Manager) AgentTransport(id string) http.RoundTripper {
+	sb, err := m.running(id)
+	if err != nil {
+		return nil
+	}
+	return sb.agent.transport
+}
+
 // metrics is envd's GET /metrics body (E2B's names; bytes and percent).
 type metrics struct {
 	Timestamp  int64   `json:"ts"`
@@ -721,10 +740,9 @@ func (m *Manager) Stats(ctx context.Context, id string) (*Stats, error) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	url := "http://" + net.JoinHostPort(sb.info.Host, strconv.Itoa(envdPort)) + "/metrics"
-	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, sb.agent.base+"/metrics", nil)
 	req.Header.Set("X-Access-Token", sb.token)
-	resp, err := m.client.Do(req)
+	resp, err := sb.agent.client.Do(req)
 	if err != nil {
 		return nil, fmt.Errorf("node: stats of %s: %w", id, err)
 	}

@@ -230,6 +230,9 @@ func TestKillLeavesNothing(t *testing.T) {
 	root := newRoot()
 	m := newManager(t, node.Config{Runtime: newRuntime(t, root)})
 	info := create(t, m, spec("doomed"))
+	// Its start's connection into envd is kept for the client (the proxy).
+	checkAgentConnection(t, m, info)
+	agent := m.AgentTransport(info.ID)
 	vmDir := filepath.Join(root, info.ID)
 	pids := qemuOf(vmDir)
 	if len(pids) != 1 {
@@ -259,9 +262,16 @@ func TestKillLeavesNothing(t *testing.T) {
 			t.Errorf("%s of a killed sandbox: %v, want ErrNotFound", name, err)
 		}
 	}
+	if tr := m.AgentTransport(info.ID); tr != nil {
+		t.Errorf("AgentTransport of a killed sandbox = %v, want nil", tr)
+	}
 	next := create(t, m, spec("next"))
 	if next.Host != info.Host {
 		t.Errorf("the next sandbox got %s; want the released slot's %s", next.Host, info.Host)
+	}
+	// The killed sandbox's connections never reach the next one in its slot.
+	if r, err := execVia(t.Context(), agent, next, "token-"+next.ID, "true"); err == nil {
+		t.Errorf("a command over the killed sandbox's agent transport ran in the next sandbox of its slot: %+v", r)
 	}
 	if err := m.Close(); err != nil {
 		t.Fatalf("Close: %v", err)
@@ -621,5 +631,60 @@ func TestSandboxResolvConfAndIdentityFiles(t *testing.T) {
 	}
 	if out := run(t, info, "cat /run/e2b/.E2B_SANDBOX_ID"); out != "dns-a" {
 		t.Errorf("/run/e2b/.E2B_SANDBOX_ID = %q, want dns-a", out)
+	}
+}
+
+// TestStartsTakeTurns: with MaxStarting 1, of two creates at once the second
+// restores its VM only after the first's envd took /init: starts take turns.
+func TestStartsTakeTurns(t *testing.T) {
+	m := newManager(t, node.Config{MaxStarting: 1})
+	infos := make([]*node.SandboxInfo, 2)
+	var wg sync.WaitGroup
+	for i := range infos {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			defer cancel()
+			info, err := m.Create(ctx, spec(fmt.Sprintf("turn%d", i)))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			infos[i] = info
+		}()
+	}
+	wg.Wait()
+	if t.Failed() {
+		return
+	}
+	// The boot log's first line is the restore's end, its last /init's.
+	type span struct{ restored, initialized time.Time }
+	spans := make([]span, 2)
+	for i, info := range infos {
+		logs, err := m.Logs(t.Context(), info.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var boot []node.LogLine
+		for _, l := range logs {
+			if l.Source == "boot" && (strings.Contains(l.Message, "restored") || strings.Contains(l.Message, "accepted /init")) {
+				boot = append(boot, l)
+			}
+		}
+		if len(boot) != 2 {
+			t.Fatalf("%s: boot log lines %v, want the restore's and /init's", info.ID, boot)
+		}
+		spans[i] = span{boot[0].Time, boot[1].Time}
+	}
+	if spans[1].initialized.Before(spans[0].initialized) {
+		spans[0], spans[1] = spans[1], spans[0]
+	}
+	t.Logf("first: restored %s, /init %s; second: restored %s, /init %s",
+		spans[0].restored.Format("15:04:05.000"), spans[0].initialized.Format("15:04:05.000"),
+		spans[1].restored.Format("15:04:05.000"), spans[1].initialized.Format("15:04:05.000"))
+	if !spans[1].restored.After(spans[0].initialized) {
+		t.Errorf("the second VM was restored at %s, before the first's /init at %s: starts did not take turns",
+			spans[1].restored.Format("15:04:05.000"), spans[0].initialized.Format("15:04:05.000"))
 	}
 }

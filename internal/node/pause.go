@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/warren-sh/warren/internal/blob"
@@ -175,8 +173,7 @@ func (m *Manager) pause(ctx context.Context, sb *sandbox, key string, memory boo
 func (m *Manager) syncGuest(ctx context.Context, sb *sandbox) error {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
-	base := "http://" + net.JoinHostPort(sb.info.Host, strconv.Itoa(envdPort))
-	if err := m.runGuest(ctx, base, sb.token, "", "/bin/sh", "-c", "sync"); err != nil {
+	if err := m.runGuest(ctx, sb.agent, sb.token, "", "/bin/sh", "-c", "sync"); err != nil {
 		return fmt.Errorf("sync the guest's file systems: %w", err)
 	}
 	return nil

@@ -9,10 +9,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"net"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
 
@@ -51,6 +49,7 @@ const refillQuiet = time.Second
 type warmVM struct {
 	vm       runtime.VM
 	slot     *netns.Slot
+	agent    *agent // its warm-up connection stays open while it is frozen
 	artifact *template.Artifact
 	at       time.Time // when it was ready
 }
@@ -118,6 +117,7 @@ func (m *Manager) takeWarm(a *template.Artifact) *warmVM {
 
 // discardWarm kills a warm VM and frees its slot.
 func (m *Manager) discardWarm(ctx context.Context, w *warmVM) {
+	w.agent.close()
 	if err := m.rt.Kill(ctx, w.vm); err != nil {
 		m.log.Error("kill a warm VM; its slot stays taken", "vm", w.vm.ID(), "err", err)
 		return
@@ -215,13 +215,16 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	if err != nil {
 		return err
 	}
-	w := &warmVM{slot: slot, artifact: a}
+	w := &warmVM{slot: slot, agent: newAgent(slot.SlotIP), artifact: a}
 	defer func() {
 		if err != nil {
 			if w.vm != nil {
 				m.discardWarm(context.WithoutCancel(ctx), w)
-			} else if rerr := m.slots.Release(slot); rerr != nil {
-				m.log.Error("release a warm VM's slot", "err", rerr)
+			} else {
+				w.agent.close()
+				if rerr := m.slots.Release(slot); rerr != nil {
+					m.log.Error("release a warm VM's slot", "err", rerr)
+				}
 			}
 		}
 	}()
@@ -232,18 +235,16 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	if w.vm, err = m.rt.Start(ctx, spec); err != nil {
 		return err
 	}
-	addr := net.JoinHostPort(slot.SlotIP.String(), strconv.Itoa(envdPort))
-	if err := m.waitListening(ctx, addr, w.vm); err != nil {
+	if err := w.agent.waitListening(ctx, w.vm); err != nil {
 		return withConsole(err, w.vm)
 	}
 	// Under TCG every clone translates guest code anew: run the /init and
 	// the command path once here, so the claim's run them warm.
-	base := "http://" + addr
-	if _, err := m.initEnvd(ctx, base, a.InitSecret, withTemplateDefaults(SandboxSpec{}, a)); err != nil {
+	if _, err := m.initEnvd(ctx, w.agent, a.InitSecret, withTemplateDefaults(SandboxSpec{}, a)); err != nil {
 		return withConsole(err, w.vm)
 	}
 	// As the SDK sends a command: Basic auth naming the user, a login shell.
-	if err := m.runGuest(ctx, base, "", cmp.Or(a.User, defaultUser), "/bin/bash", "-l", "-c", "echo ready"); err != nil {
+	if err := m.runGuest(ctx, w.agent, "", cmp.Or(a.User, defaultUser), "/bin/bash", "-l", "-c", "echo ready"); err != nil {
 		return err
 	}
 	if err := m.rt.Freeze(ctx, w.vm); err != nil {
@@ -281,8 +282,8 @@ func (m *Manager) closeWarm() {
 
 // runGuest runs a command through the guest's envd (as user, when set;
 // else the default user) and waits for it to exit 0.
-func (m *Manager) runGuest(ctx context.Context, base, token, user, cmd string, args ...string) error {
-	proc := processconnect.NewProcessClient(m.client, base, connect.WithProtoJSON())
+func (m *Manager) runGuest(ctx context.Context, ag *agent, token, user, cmd string, args ...string) error {
+	proc := processconnect.NewProcessClient(ag.client, ag.base, connect.WithProtoJSON())
 	req := connect.NewRequest(&processpb.StartRequest{Process: &processpb.ProcessConfig{Cmd: cmd, Args: args}})
 	if token != "" {
 		req.Header().Set("X-Access-Token", token)
@@ -295,20 +296,29 @@ func (m *Manager) runGuest(ctx context.Context, base, token, user, cmd string, a
 		return fmt.Errorf("run %s in the guest: %w", cmd, err)
 	}
 	defer stream.Close()
-	var stderr bytes.Buffer
+	var (
+		stderr bytes.Buffer
+		end    *processpb.ProcessEvent_EndEvent
+	)
+	// Read to the stream's end, past the end event: a response read to its
+	// end leaves its connection open for the next request (the agent's
+	// pool), one closed early does not.
 	for stream.Receive() {
 		ev := stream.Msg().GetEvent()
 		if d := ev.GetData(); d != nil {
 			stderr.Write(d.GetStderr())
 		}
-		if end := ev.GetEnd(); end != nil {
-			if !end.GetExited() || end.GetExitCode() != 0 {
-				return fmt.Errorf("run %s in the guest: it ended %s: %s", cmd, end.GetStatus(), bytes.TrimSpace(stderr.Bytes()))
-			}
-			return nil
+		if e := ev.GetEnd(); e != nil {
+			end = e
 		}
 	}
-	return fmt.Errorf("run %s in the guest: no end event: %v", cmd, stream.Err())
+	switch {
+	case end == nil:
+		return fmt.Errorf("run %s in the guest: no end event: %v", cmd, stream.Err())
+	case !end.GetExited() || end.GetExitCode() != 0:
+		return fmt.Errorf("run %s in the guest: it ended %s: %s", cmd, end.GetStatus(), bytes.TrimSpace(stderr.Bytes()))
+	}
+	return nil
 }
 
 // PoolStatus is one warm pool.

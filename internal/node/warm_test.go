@@ -2,6 +2,7 @@ package node_test
 
 import (
 	"context"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -73,6 +74,9 @@ func TestWarmPool(t *testing.T) {
 		t.Errorf("the warm VM's QEMU threads have nice values %v, want 19 each", nices)
 	}
 
+	// The warm VM's warm-up connection into its envd stays open while frozen.
+	warmConns := hostAgentConns(t)
+
 	s := spec("warm1")
 	s.AllowInternet = true
 	start := time.Now()
@@ -90,6 +94,18 @@ func TestWarmPool(t *testing.T) {
 		t.Errorf("the create did not claim the warm VM: %v", logs)
 	}
 	t.Logf("create from the warm pool: %s", took.Round(time.Millisecond))
+	// The warm-up's connection into envd stayed open while the VM was
+	// frozen: the claim's /init and the client's first command use it.
+	checkAgentConnection(t, m, info)
+	var used []string
+	for c, ip := range hostAgentConns(t) {
+		if ip.String() == info.Host {
+			used = append(used, c)
+		}
+	}
+	if len(used) != 1 || warmConns[used[0]] != netip.MustParseAddr(info.Host) {
+		t.Errorf("the host's connections to the claimed sandbox's envd are %v; want the one the warm VM had before its claim (of %v)", used, warmConns)
+	}
 	// The claimed VM runs at the node's priority, threads started since too.
 	if nices := threadNices(t, pid); len(nices) == 0 || slices.Max(nices) != 0 || slices.Min(nices) != 0 {
 		t.Errorf("the claimed VM's QEMU threads have nice values %v, want the node's (0) each", nices)

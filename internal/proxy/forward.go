@@ -53,9 +53,13 @@ func newUpstream() *upstream {
 	return &upstream{agent: agent, user: user}
 }
 
-// RoundTrip sends the request over the agent's or the user ports' transport.
+// RoundTrip sends the request over the agent's or the user ports' transport:
+// for the agent, the target's own (Target.Agent) when it has one.
 func (u *upstream) RoundTrip(r *http.Request) (*http.Response, error) {
 	if r.URL.Port() == strconv.Itoa(EnvdPort) {
+		if f, _ := r.Context().Value(forwardKey{}).(*forwardInfo); f != nil && f.target.Agent != nil {
+			return f.target.Agent.RoundTrip(r)
+		}
 		return u.agent.RoundTrip(r)
 	}
 	return u.user.RoundTrip(r)

@@ -45,6 +45,11 @@ type Target struct {
 	// TrafficToken is non-empty when the sandbox was created with
 	// allowPublicTraffic:false; ports other than 49983 then require it.
 	TrafficToken string
+	// Agent, when set, carries the requests for port 49983: the node's own
+	// pool of connections into this sandbox's agent, which already holds an
+	// open one when the sandbox was just created (under TCG a new connection
+	// costs a fresh guest ~10 ms). Nil: the proxy's shared pool.
+	Agent http.RoundTripper
 }
 
 // Router tells the proxy where running sandboxes are. The control plane
@@ -133,9 +138,10 @@ func (p *Proxy) Abort(sandboxID string) {
 	for req := range reqs {
 		req.cancel(errAborted)
 	}
-	// Pooled agent connections would otherwise outlive the sandbox, and its
-	// slot address may soon belong to another one. (The transport can only
-	// drop all idle connections; others simply reconnect.)
+	// Connections of the shared pool would otherwise outlive the sandbox,
+	// and its slot address may soon belong to another one. (The transport
+	// can only drop all idle connections; others simply reconnect.) A
+	// Target.Agent pool is its node's to close.
 	p.upstream.closeIdle()
 }
 

@@ -417,3 +417,39 @@ func TestCORS(t *testing.T) {
 		}
 	})
 }
+
+// countingTransport is a Target.Agent: a real transport that counts what it carries.
+type countingTransport struct {
+	http.Transport
+	n atomic.Int32
+}
+
+func (c *countingTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	c.n.Add(1)
+	return c.Transport.RoundTrip(r)
+}
+
+func TestTargetAgentCarriesAgentTraffic(t *testing.T) {
+	e := newEnv(t)
+	sbx := e.startSandbox(t, "sbxagent")
+	agent := &countingTransport{}
+	t.Cleanup(agent.CloseIdleConnections)
+	e.router.add(&Target{SandboxID: sbx.id, Host: sbx.ip, Agent: agent})
+
+	for i := range 3 {
+		if r := e.do(t, request{path: "/health", headers: routed(sbx.id, EnvdPort)}); r.status != http.StatusNoContent {
+			t.Fatalf("GET /health #%d: %d %s", i, r.status, r.body)
+		}
+	}
+	if got := agent.n.Load(); got != 3 {
+		t.Fatalf("the target's agent transport carried %d of 3 agent requests", got)
+	}
+	// Other ports never go over the agent's connections.
+	port := userServer(t, sbx.ip, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "user") }))
+	if r := e.do(t, request{path: "/", headers: routed(sbx.id, port)}); r.status != http.StatusOK || r.body != "user" {
+		t.Fatalf("user port: %d %q", r.status, r.body)
+	}
+	if got := agent.n.Load(); got != 3 {
+		t.Fatalf("a user-port request went over the agent transport (%d requests)", got)
+	}
+}

@@ -34,6 +34,7 @@ type Config struct {
 	MaxSandboxes     int           // per team, running at once
 	MaxLifetime      time.Duration // per sandbox, from its start
 	NodeMaxSandboxes int           // on this host; 0 = derived from memory
+	NodeMaxStarting  int           // sandboxes restored at once on this host; 0 = its CPUs
 	BootstrapAPIKey  string        // fixes the first API key (e2b_ + 40 hex)
 	SandboxDNS       []string      // nameservers for sandboxes' /etc/resolv.conf
 	DebianMirror     string
@@ -123,7 +124,7 @@ func (c *Config) Validate() error {
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("--shutdown-timeout cannot be negative, got %s", c.ShutdownTimeout)
 	}
-	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 {
+	if c.MaxSandboxes < 0 || c.NodeMaxSandboxes < 0 || c.NodeMaxStarting < 0 {
 		return fmt.Errorf("sandbox limits cannot be negative")
 	}
 	for _, ns := range c.SandboxDNS {

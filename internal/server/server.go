@@ -79,7 +79,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	}
 	mgr, err := node.NewManager(ctx, node.Config{
 		ID: nodeID(), DataDir: cfg.DataDir, Runtime: rt, SlotRange: cfg.SlotRange,
-		MaxSandboxes: cfg.NodeMaxSandboxes, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
+		MaxSandboxes: cfg.NodeMaxSandboxes, MaxStarting: cfg.NodeMaxStarting, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
@@ -121,7 +121,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	if err != nil {
 		return err
 	}
-	px = proxy.New(proxy.Config{Router: router{ctl}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
+	px = proxy.New(proxy.Config{Router: router{ctl: ctl, agents: mgr.AgentTransport}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
 	defer px.Close()
 	handler := px.Wrap(api.New(api.Config{Control: ctl, Templates: tpl, Store: st, Log: log.With("role", "api"), Domain: cfg.Domain}))
 
@@ -385,8 +385,16 @@ func printReady(out io.Writer, cfg Config, addr net.Addr, tlsOn bool, caPath, ne
 	fmt.Fprintln(out, "ready")
 }
 
-// router lets the proxy find sandboxes through the control plane.
-type router struct{ ctl *control.Controller }
+// router lets the proxy find sandboxes through the control plane, and reach
+// their agents over the node's own connections.
+type router struct {
+	ctl    *control.Controller
+	agents func(sandboxID string) http.RoundTripper // node.Manager.AgentTransport
+}
+
+func (r router) target(rt *control.Route) *proxy.Target {
+	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken, Agent: r.agents(rt.SandboxID)}
+}
 
 func (r router) Lookup(ctx context.Context, id string) (*proxy.Target, error) {
 	rt, err := r.ctl.Lookup(ctx, id)
@@ -396,7 +404,7 @@ func (r router) Lookup(ctx context.Context, id string) (*proxy.Target, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}, nil
+	return r.target(rt), nil
 }
 
 func (r router) Running(ctx context.Context) ([]*proxy.Target, error) {
@@ -406,7 +414,7 @@ func (r router) Running(ctx context.Context) ([]*proxy.Target, error) {
 	}
 	out := make([]*proxy.Target, len(routes))
 	for i, rt := range routes {
-		out[i] = &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}
+		out[i] = r.target(rt)
 	}
 	return out, nil
 }
@@ -448,7 +456,7 @@ func (r router) Resume(ctx context.Context, id string) (*proxy.Target, error) {
 	if err != nil {
 		return nil, proxyError(err)
 	}
-	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken}, nil
+	return r.target(rt), nil
 }
 
 // proxyError is a control-plane error as the proxy answers it (PROXY.md §3).
