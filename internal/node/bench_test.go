@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -155,6 +156,73 @@ func timeRestore(b *testing.B, rt *microvm.Runtime, pool *netns.Pool, a *templat
 	defer killVM(b, rt, vm)
 	waitHealth(b, vm, slot)
 	return time.Since(began)
+}
+
+// BenchmarkMissCPU measures the host CPU one pool miss costs: QEMU's user +
+// system CPU time when Manager.Create returns (restore, envd's port, /init)
+// and after the sandbox's first command, a login shell's `echo ready` as the
+// SDK starts it. Under TCG a new QEMU translates the guest's code anew, so
+// this is what a burst of creates on few cores is bound by.
+func BenchmarkMissCPU(b *testing.B) {
+	const n = 8
+	root := newRoot()
+	m := newManager(b, node.Config{Runtime: newRuntime(b, root)})
+	logLoad(b)
+	var created, first, walls []time.Duration
+	seq := 0
+	for b.Loop() {
+		for i := range n + 1 { // the first is a warm-up: the snapshot's pages into the page cache
+			seq++
+			id := fmt.Sprintf("bench-miss-%d", seq)
+			ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+			info, err := m.Create(ctx, spec(id))
+			if err != nil {
+				b.Fatalf("Create %s: %v", id, err)
+			}
+			pids := qemuOf(filepath.Join(root, id))
+			if len(pids) != 1 {
+				b.Fatalf("QEMUs of %s: %v, want one", id, pids)
+			}
+			atCreate := cpuTime(b, pids[0])
+			began := time.Now()
+			if _, err := execIn(ctx, info, "token-"+id, "exec bash -l -c 'echo ready'"); err != nil {
+				b.Fatalf("%s: first command: %v", id, err)
+			}
+			wall := time.Since(began)
+			afterFirst := cpuTime(b, pids[0])
+			if err := m.Kill(ctx, id); err != nil {
+				b.Fatalf("Kill %s: %v", id, err)
+			}
+			cancel()
+			if i > 0 {
+				created, first, walls = append(created, atCreate), append(first, afterFirst-atCreate), append(walls, wall)
+			}
+		}
+	}
+	for _, s := range [][]time.Duration{created, first, walls} {
+		slices.Sort(s)
+	}
+	b.Logf("QEMU CPU by the create's end, sorted: %v", rounded(created))
+	b.Logf("QEMU CPU of the first command, sorted: %v (its wall time: %v)", rounded(first), rounded(walls))
+	b.Logf("load after: %s", loadAvg())
+	b.ReportMetric(0, "ns/op")
+	b.ReportMetric(ms(percentile(created, 50)), "create-cpu-p50-ms")
+	b.ReportMetric(ms(percentile(first, 50)), "first-command-cpu-p50-ms")
+	b.ReportMetric(ms(percentile(walls, 50)), "first-command-wall-p50-ms")
+}
+
+// cpuTime is process pid's user + system CPU time (/proc/<pid>/stat).
+func cpuTime(b *testing.B, pid int) time.Duration {
+	b.Helper()
+	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
+	if err != nil {
+		b.Fatal(err)
+	}
+	_, rest, _ := strings.Cut(string(stat), ") ")
+	f := strings.Fields(rest)
+	ut, _ := strconv.Atoi(f[11])
+	st, _ := strconv.Atoi(f[12])
+	return time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ is 100 on Linux
 }
 
 // BenchmarkIdleClones measures what idle sandboxes cost the host: 20 are
