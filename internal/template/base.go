@@ -251,6 +251,9 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 	a, err := LoadArtifact(dir)
 	if err == nil {
 		p.phase("cached build %s", id)
+		// Its directory's time says when it was last taken: what keeps it
+		// from pruning by age (the tests' shared cache) while in use.
+		markUsed(dir)
 		// A store may have retired it (before a downgrade): in use again.
 		err = unretireBase(dir)
 	} else {

@@ -98,8 +98,10 @@ const vmsPrefix = ".test-vms-"
 func reapLeftovers() { microvmtest.ReapLeftovers(cacheDir, vmsPrefix) }
 
 // pruneBuilds removes the cache's base builds that this run did not use and
-// that are older than ten minutes (so a build another test binary is making
-// stays): every envd change makes a new build of a few hundred MB.
+// that nothing took for two hours: every envd change makes a new build of a
+// few hundred MB. EnsureBase sets a build directory's time whenever it hands
+// the build out, so a build that a test binary of another checkout is making
+// or using (each runs well under two hours) stays.
 func pruneBuilds() {
 	dirs, _ := filepath.Glob(filepath.Join(cacheDir, "templates", "base", "*"))
 	for _, d := range dirs {
@@ -110,7 +112,7 @@ func pruneBuilds() {
 		if _, ok := used.Load(id); ok {
 			continue
 		}
-		if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 10*time.Minute {
+		if fi, err := os.Stat(d); err == nil && time.Since(fi.ModTime()) > 2*time.Hour {
 			os.RemoveAll(d)
 		}
 	}
