@@ -211,18 +211,9 @@ func BenchmarkMissCPU(b *testing.B) {
 	b.ReportMetric(ms(percentile(walls, 50)), "first-command-wall-p50-ms")
 }
 
-// cpuTime is process pid's user + system CPU time (/proc/<pid>/stat).
+// cpuTime is process pid's user + system CPU time.
 func cpuTime(b *testing.B, pid int) time.Duration {
-	b.Helper()
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		b.Fatal(err)
-	}
-	_, rest, _ := strings.Cut(string(stat), ") ")
-	f := strings.Fields(rest)
-	ut, _ := strconv.Atoi(f[11])
-	st, _ := strconv.Atoi(f[12])
-	return time.Duration(ut+st) * 10 * time.Millisecond // USER_HZ is 100 on Linux
+	return time.Duration(cpuTicks(b, pid)) * 10 * time.Millisecond // USER_HZ is 100 on Linux
 }
 
 // BenchmarkIdleClones measures what idle sandboxes cost the host: 20 are

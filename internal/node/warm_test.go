@@ -32,7 +32,7 @@ func waitWarm(t *testing.T, m *node.Manager, want int) {
 }
 
 // cpuTicks is a process's user+system CPU time in clock ticks.
-func cpuTicks(t *testing.T, pid int) int {
+func cpuTicks(t testing.TB, pid int) int {
 	t.Helper()
 	b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
 	if err != nil {
