@@ -15,6 +15,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/envd"
 	"github.com/warren-sh/warren/internal/envd/guestinit"
+	"github.com/warren-sh/warren/internal/transfer"
 	"github.com/warren-sh/warren/internal/version"
 )
 
@@ -48,6 +49,7 @@ Flags (each also read from the environment variable shown):
 	host := fs.String("host", envStr("WARREN_ENVD_HOST", "0.0.0.0"), "address to listen on; 127.0.0.1 keeps a host agent private (WARREN_ENVD_HOST)")
 	user := fs.String("default-user", envStr("WARREN_ENVD_DEFAULT_USER", "user"), "user for requests that name none, until /init sets one; root when the account is missing (WARREN_ENVD_DEFAULT_USER)")
 	initSecret := fs.String("init-secret", envStr("WARREN_ENVD_INIT_SECRET", ""), "secret that lets the node re-/init a sandbox that already has an access token (WARREN_ENVD_INIT_SECRET)")
+	transferDisk := fs.String("transfer-disk", envStr("WARREN_ENVD_TRANSFER_DISK", ""), "device (or file) that framed uploads from warren's proxy read their bytes from; empty: in a VM (--init), the disk with virtio serial "+transfer.Serial+", else none (WARREN_ENVD_TRANSFER_DISK)")
 	verbose := fs.Bool("verbose", os.Getenv("WARREN_ENVD_VERBOSE") == "true", "log every request at debug level (WARREN_ENVD_VERBOSE=true)")
 	showVersion := fs.Bool("version", false, "print the version and exit")
 	initMode := fs.Bool("init", os.Getpid() == 1, "first act as a warren microVM's init (PID 1 only): mount, load modules, switch to the root disk, configure the network; --init=false for PID 1 of a container")
@@ -74,7 +76,7 @@ Flags (each also read from the environment variable shown):
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, InVM: *initMode, Log: log})
+	srv := envd.New(envd.Config{DefaultUser: *user, InitSecret: *initSecret, InVM: *initMode, TransferDisk: *transferDisk, Log: log})
 	defer srv.Close()
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)

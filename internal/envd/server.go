@@ -42,7 +42,11 @@ type Config struct {
 	// listening on loopback only are forwarded to the guest's address. Never on
 	// a host.
 	InVM bool
-	Log  *slog.Logger
+	// TransferDisk is where framed uploads (package transfer) read their
+	// bytes: a device or file; empty in a VM means the disk with the transfer
+	// serial, elsewhere none.
+	TransferDisk string
+	Log          *slog.Logger
 }
 
 // Server is a running agent's request handling.
@@ -78,7 +82,7 @@ func New(cfg Config) *Server {
 	path, h = filesystemconnect.NewFilesystemHandler(s.filesystem)
 	mux.Handle(path, s.requireToken(h))
 	// /files checks the token or a URL signature itself.
-	mux.Handle("/files", files.NewHandler(s.state, cfg.Log.With("service", "files")))
+	mux.Handle("/files", files.NewHandler(s.state, files.TransferDisk(cfg.TransferDisk, cfg.InVM), cfg.Log.With("service", "files")))
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(http.StatusNoContent)
 	})

@@ -236,6 +236,9 @@ func (r *Reader) readExtent(p []byte) (int, error) {
 	return copy(p, b[skip:n]), nil
 }
 
+// ErrDisk wraps failed reads of the transfer disk.
+var ErrDisk = errors.New("read the transfer disk")
+
 func diskError(err error) error {
 	if err == nil {
 		return nil
@@ -243,7 +246,7 @@ func diskError(err error) error {
 	if err == io.EOF {
 		err = io.ErrUnexpectedEOF
 	}
-	return fmt.Errorf("read the transfer disk: %w", err)
+	return fmt.Errorf("%w: %w", ErrDisk, err)
 }
 
 // frame reads the next frame's header: a data frame becomes current, an F

@@ -10,23 +10,59 @@ package files
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
+	"os"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/warren-sh/warren/internal/envd/identity"
 	"github.com/warren-sh/warren/internal/envd/reply"
 	"github.com/warren-sh/warren/internal/envd/state"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // Handler serves /files.
 type Handler struct {
 	state *state.Sandbox
 	log   *slog.Logger
+	// transfer opens the transfer disk once, at the first framed upload.
+	transfer func() (io.ReaderAt, error)
 }
 
-// NewHandler returns the /files handler of a sandbox.
-func NewHandler(st *state.Sandbox, log *slog.Logger) *Handler {
-	return &Handler{state: st, log: log}
+// NewHandler returns the /files handler of a sandbox; transfer opens its
+// transfer disk (TransferDisk).
+func NewHandler(st *state.Sandbox, transfer func() (io.ReaderAt, error), log *slog.Logger) *Handler {
+	return &Handler{state: st, log: log, transfer: transfer}
+}
+
+// TransferDisk opens the transfer disk at path once, when first asked: with
+// O_DIRECT where the file system takes it. An empty path means the guest's
+// disk with the transfer serial when inVM, else no disk.
+func TransferDisk(path string, inVM bool) func() (io.ReaderAt, error) {
+	return sync.OnceValues(func() (io.ReaderAt, error) {
+		switch {
+		case path != "":
+			f, err := os.OpenFile(path, os.O_RDONLY|unix.O_DIRECT, 0)
+			if errors.Is(err, syscall.EINVAL) {
+				f, err = os.Open(path) // tmpfs and others refuse O_DIRECT
+			}
+			if err != nil {
+				return nil, err
+			}
+			return f, nil
+		case inVM:
+			f, err := transfer.OpenDevice("/sys/block")
+			if err != nil {
+				return nil, err
+			}
+			return f, nil
+		}
+		return nil, transfer.ErrNoDevice
+	})
 }
 
 // ServeHTTP answers GET (and HEAD) with a file's bytes and POST by writing files.

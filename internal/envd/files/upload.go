@@ -17,6 +17,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/envd/identity"
 	"github.com/warren-sh/warren/internal/envd/reply"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // entry is one written file in the answer to POST /files. The SDK deep-equals
@@ -64,6 +65,8 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 			break
 		}
 		err = b.addParts(newFormReader(body, params["boundary"]), path)
+	case mediaType == transfer.ContentType:
+		err = h.addTransfer(b, body, path)
 	default:
 		err = errorf(http.StatusBadRequest, "unsupported Content-Type %q, expected multipart/form-data or application/octet-stream", contentType)
 	}
@@ -148,6 +151,55 @@ func (b *batch) addParts(mr *formReader, path string) error {
 	}
 }
 
+// addTransfer stages the files of a framed body (package transfer: what
+// warren's proxy makes of a multipart or octet-stream upload, the bytes on the
+// transfer disk). Each file goes where a multipart part would: to path when
+// given, else to its name.
+func (h *Handler) addTransfer(b *batch, body io.Reader, path string) error {
+	dev, err := h.transfer()
+	if errors.Is(err, transfer.ErrNoDevice) {
+		return errorf(http.StatusBadRequest, "Content-Type %s needs a transfer disk, and this sandbox has none", transfer.ContentType)
+	}
+	if err != nil {
+		return fmt.Errorf("open the transfer disk: %w", err)
+	}
+	r := transfer.NewReader(body, dev)
+	for n := 1; ; n++ {
+		name, err := r.NextFile()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return bodyError("", err)
+		}
+		target := path
+		if target == "" {
+			if target = name; target == "" {
+				return errorf(http.StatusBadRequest, "part %d has no filename and the request no path query parameter: nowhere to write it", n)
+			}
+		}
+		if err := b.add(target, r); err != nil {
+			return err
+		}
+	}
+}
+
+// bodyError is the answer to a request body that could not be read while
+// writing target ("" between files): 400, but 500 when the transfer disk
+// failed, and the sender's own message when the proxy stopped the body.
+func bodyError(target string, err error) error {
+	var sender *transfer.SenderError
+	switch {
+	case errors.As(err, &sender):
+		return errorf(http.StatusBadRequest, "%s", sender.Message)
+	case errors.Is(err, transfer.ErrDisk):
+		return err
+	case target == "":
+		return errorf(http.StatusBadRequest, "read upload body: %v", err)
+	}
+	return errorf(http.StatusBadRequest, "read upload body for '%s': %v", target, err)
+}
+
 // add stages src as the file raw (a path as the client gave it).
 func (b *batch) add(raw string, src io.Reader) error {
 	target, err := b.user.Resolve(raw, b.workdir)
@@ -218,7 +270,7 @@ func (b *batch) stage(target string, src io.Reader) (*staged, error) {
 	body := &readTracker{r: src}
 	if err := writeUpload(tmp, body); err != nil {
 		if body.err != nil {
-			return nil, errorf(http.StatusBadRequest, "read upload body for '%s': %v", target, body.err)
+			return nil, bodyError(target, body.err)
 		}
 		return nil, writeFailure("write", target, b.user, err)
 	}
