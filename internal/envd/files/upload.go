@@ -17,6 +17,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/envd/identity"
 	"github.com/warren-sh/warren/internal/envd/reply"
+	"github.com/warren-sh/warren/internal/formdata"
 	"github.com/warren-sh/warren/internal/transfer"
 )
 
@@ -64,7 +65,7 @@ func (h *Handler) upload(w http.ResponseWriter, r *http.Request, user *identity.
 			err = errorf(http.StatusBadRequest, "Content-Type %q has no boundary", contentType)
 			break
 		}
-		err = b.addParts(newFormReader(body, params["boundary"]), path)
+		err = b.addParts(formdata.NewReader(body, params["boundary"]), path)
 	case mediaType == transfer.ContentType:
 		err = h.addTransfer(b, body, path)
 	default:
@@ -121,9 +122,8 @@ type staged struct {
 }
 
 // addParts stages every part named "file". Without a path, a part's filename
-// is its target: parsed here from Content-Disposition, because
-// multipart.Part.FileName drops the directories.
-func (b *batch) addParts(mr *formReader, path string) error {
+// (directories included) is its target.
+func (b *batch) addParts(mr *formdata.Reader, path string) error {
 	for n := 1; ; n++ {
 		part, err := mr.NextPart()
 		if err == io.EOF {
@@ -137,11 +137,10 @@ func (b *batch) addParts(mr *formReader, path string) error {
 		}
 		target := path
 		if target == "" {
-			_, params, err := mime.ParseMediaType(part.Header.Get("Content-Disposition"))
-			if err != nil {
-				return errorf(http.StatusBadRequest, "part %d: malformed Content-Disposition: %v", n, err)
+			if target, err = part.FileName(); err != nil {
+				return errorf(http.StatusBadRequest, "part %d: %v", n, err)
 			}
-			if target = params["filename"]; target == "" {
+			if target == "" {
 				return errorf(http.StatusBadRequest, "part %d has no filename and the request no path query parameter: nowhere to write it", n)
 			}
 		}

@@ -1,4 +1,7 @@
-package files
+// Package formdata reads multipart/form-data bodies in large pieces: envd
+// reads uploads with it in the guest, and warren's proxy turns uploads into
+// transfer-disk bodies with it on the host, so both read a body alike.
+package formdata
 
 import (
 	"bufio"
@@ -12,50 +15,50 @@ import (
 	"strings"
 )
 
-// formReader reads the parts of a multipart/form-data body as
+// Reader reads the parts of a multipart/form-data body as
 // mime/multipart.Reader does, but in large pieces. multipart.Reader looks
 // for the boundary through a 4 KiB window whatever it reads from: under TCG
 // that parsing cost ~5 ms per MiB in the guest, 2.5 times the whole rest of
-// an octet-stream upload. A formReader hands a part's bytes on straight from
-// a buffer of formBuffer bytes, searching it for the boundary at once.
+// an octet-stream upload. A Reader hands a part's bytes on straight from
+// a buffer of BufferSize bytes, searching it for the boundary at once.
 //
 // It reads what multipart.Reader reads that clients send: CRLF delimiters,
 // a preamble and an epilogue (ignored), transport padding after a boundary,
 // quoted-printable parts. Unlike it, it does not take bare-LF delimiters.
-type formReader struct {
+type Reader struct {
 	br    *bufio.Reader
 	dash  []byte // "--" boundary: the first delimiter line
 	delim []byte // CRLF "--" boundary: the end of every part's body
-	part  *formPart
+	part  *Part
 	done  bool // the close delimiter was read
 }
 
-// formBuffer is how much of a multipart body envd reads from the connection
+// BufferSize is how much of a multipart body envd reads from the connection
 // at a time, and the most a part's Read returns at once.
-const formBuffer = 1 << 20
+const BufferSize = 1 << 20
 
-func newFormReader(r io.Reader, boundary string) *formReader {
-	return &formReader{
-		br:    bufio.NewReaderSize(r, formBuffer),
+func NewReader(r io.Reader, boundary string) *Reader {
+	return &Reader{
+		br:    bufio.NewReaderSize(r, BufferSize),
 		dash:  []byte("--" + boundary),
 		delim: []byte("\r\n--" + boundary),
 	}
 }
 
-// formPart is one part: its headers, and its body through Read.
-type formPart struct {
+// Part is one part: its headers, and its body through Read.
+type Part struct {
 	Header textproto.MIMEHeader
-	r      *formReader
+	r      *Reader
 	body   io.Reader // the raw body, or its quoted-printable decoding
 	ended  bool      // the raw body's delimiter was read
 }
 
-// errFormEOF is a body that ends inside a part or before its first boundary.
-var errFormEOF = errors.New("the body ended before the closing boundary")
+// ErrEOF is a body that ends inside a part or before its first boundary.
+var ErrEOF = errors.New("the body ended before the closing boundary")
 
 // NextPart skips what is left of the current part and returns the next, or
 // io.EOF after the last.
-func (r *formReader) NextPart() (*formPart, error) {
+func (r *Reader) NextPart() (*Part, error) {
 	if r.done {
 		return nil, io.EOF
 	}
@@ -83,7 +86,7 @@ func (r *formReader) NextPart() (*formPart, error) {
 	if err != nil {
 		return nil, fmt.Errorf("part headers: %w", eofIsUnexpected(err))
 	}
-	p := &formPart{Header: header, r: r}
+	p := &Part{Header: header, r: r}
 	p.body = rawBody{p}
 	if strings.EqualFold(header.Get("Content-Transfer-Encoding"), "quoted-printable") {
 		header.Del("Content-Transfer-Encoding")
@@ -94,7 +97,7 @@ func (r *formReader) NextPart() (*formPart, error) {
 }
 
 // skipPreamble reads up to and including the first delimiter line.
-func (r *formReader) skipPreamble() error {
+func (r *Reader) skipPreamble() error {
 	for {
 		line, err := r.readLine()
 		if err != nil {
@@ -113,7 +116,7 @@ func (r *formReader) skipPreamble() error {
 
 // readLine reads through the next LF; a line longer than the buffer comes in
 // pieces (none of which is then a delimiter line).
-func (r *formReader) readLine() ([]byte, error) {
+func (r *Reader) readLine() ([]byte, error) {
 	line, err := r.br.ReadSlice('\n')
 	if errors.Is(err, bufio.ErrBufferFull) || (err == io.EOF && len(line) > 0) {
 		return line, nil // a last line without LF: the close delimiter may end the body
@@ -126,7 +129,7 @@ func (r *formReader) readLine() ([]byte, error) {
 
 // FormName is the name parameter of the part's form-data
 // Content-Disposition, or "".
-func (p *formPart) FormName() string {
+func (p *Part) FormName() string {
 	d, params, err := mime.ParseMediaType(p.Header.Get("Content-Disposition"))
 	if err != nil || d != "form-data" {
 		return ""
@@ -134,11 +137,22 @@ func (p *formPart) FormName() string {
 	return params["name"]
 }
 
+// FileName is the filename parameter of the part's Content-Disposition as the
+// client sent it, directories included (multipart.Part.FileName drops them:
+// E2B's SDK names a batch upload's targets there).
+func (p *Part) FileName() (string, error) {
+	_, params, err := mime.ParseMediaType(p.Header.Get("Content-Disposition"))
+	if err != nil {
+		return "", fmt.Errorf("malformed Content-Disposition: %v", err)
+	}
+	return params["filename"], nil
+}
+
 // Read reads the part's body (decoded when quoted-printable).
-func (p *formPart) Read(b []byte) (int, error) { return p.body.Read(b) }
+func (p *Part) Read(b []byte) (int, error) { return p.body.Read(b) }
 
 // rawBody reads a part's bytes up to its delimiter, which it consumes.
-type rawBody struct{ p *formPart }
+type rawBody struct{ p *Part }
 
 func (rb rawBody) Read(b []byte) (int, error) {
 	p, r := rb.p, rb.p.r
@@ -188,7 +202,7 @@ func (rb rawBody) Read(b []byte) (int, error) {
 // one (end), or -1 and how many bytes of data are certainly content (safe).
 // As mime/multipart, a delimiter counts only when "--", white space or a
 // line end follows it; else it is content ("\r\n--boundaryX").
-func (r *formReader) findDelim(data []byte, eof bool) (end, safe int) {
+func (r *Reader) findDelim(data []byte, eof bool) (end, safe int) {
 	safe = max(len(data)-(len(r.delim)-1), 0) // the tail may begin a delimiter
 	for off := 0; off < len(data); {
 		j := bytes.Index(data[off:], r.delim)
@@ -236,7 +250,7 @@ func afterDelim(rest []byte, eof bool) int {
 // eofIsUnexpected turns io.EOF inside a body into an error that says so.
 func eofIsUnexpected(err error) error {
 	if err == io.EOF {
-		return fmt.Errorf("%w (%w)", errFormEOF, io.ErrUnexpectedEOF)
+		return fmt.Errorf("%w (%w)", ErrEOF, io.ErrUnexpectedEOF)
 	}
 	return err
 }

@@ -1,4 +1,4 @@
-package files
+package formdata
 
 import (
 	"bufio"
@@ -19,10 +19,10 @@ type formPartData struct {
 	body         []byte
 }
 
-// parseForm reads every part with a formReader fed through wrap.
+// parseForm reads every part with a Reader fed through wrap.
 func parseForm(t *testing.T, body []byte, boundary string, wrap func(io.Reader) io.Reader) ([]formPartData, error) {
 	t.Helper()
-	r := newFormReader(wrap(bytes.NewReader(body)), boundary)
+	r := NewReader(wrap(bytes.NewReader(body)), boundary)
 	return collectParts(func() (string, string, io.Reader, error) {
 		p, err := r.NextPart()
 		if err != nil {
@@ -65,7 +65,7 @@ func collectParts(next func() (name, disposition string, body io.Reader, err err
 
 // TestFormReaderMatchesMimeMultipart feeds bodies that mime/multipart.Writer
 // made (contents full of near-boundaries, CRLFs and dashes, sizes around
-// the buffer) through the formReader in reads of every shape, and wants
+// the buffer) through the Reader in reads of every shape, and wants
 // what mime/multipart reads.
 func TestFormReaderMatchesMimeMultipart(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -99,7 +99,7 @@ func TestFormReaderMatchesMimeMultipart(t *testing.T) {
 		}
 		return out
 	}
-	sizes := []int{0, 1, 2, 77, 4095, 4096, 4097, formBuffer - 30, formBuffer, formBuffer + 1, 3*formBuffer + 7}
+	sizes := []int{0, 1, 2, 77, 4095, 4096, 4097, BufferSize - 30, BufferSize, BufferSize + 1, 3*BufferSize + 7}
 	wraps := map[string]func(io.Reader) io.Reader{
 		"whole":    func(r io.Reader) io.Reader { return r },
 		"one byte": iotest.OneByteReader,
@@ -206,7 +206,7 @@ func TestFormReaderEdges(t *testing.T) {
 		})
 	}
 	// The header survives as textproto keys.
-	r := newFormReader(strings.NewReader("--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a/b.txt\"\r\n\r\nx\r\n--XyZ--"), b)
+	r := NewReader(strings.NewReader("--XyZ\r\ncontent-disposition: form-data; name=\"file\"; filename=\"a/b.txt\"\r\n\r\nx\r\n--XyZ--"), b)
 	p, err := r.NextPart()
 	if err != nil {
 		t.Fatal(err)
@@ -216,7 +216,7 @@ func TestFormReaderEdges(t *testing.T) {
 	}
 }
 
-// BenchmarkFormParse reads one 32 MiB part with the formReader and with
+// BenchmarkFormParse reads one 32 MiB part with the Reader and with
 // mime/multipart (what envd used before; behind a 256 KiB bufio.Reader as it
 // had it), from memory, into 1 MiB chunks as writeUpload does.
 func BenchmarkFormParse(b *testing.B) {
@@ -231,10 +231,10 @@ func BenchmarkFormParse(b *testing.B) {
 	w.Write(data)
 	mw.Close()
 	body, boundary := buf.Bytes(), mw.Boundary()
-	b.Run("formReader", func(b *testing.B) {
+	b.Run("Reader", func(b *testing.B) {
 		b.SetBytes(int64(len(body)))
 		for b.Loop() {
-			p, err := newFormReader(bytes.NewReader(body), boundary).NextPart()
+			p, err := NewReader(bytes.NewReader(body), boundary).NextPart()
 			if err != nil {
 				b.Fatal(err)
 			}
@@ -253,15 +253,16 @@ func BenchmarkFormParse(b *testing.B) {
 	})
 }
 
-// drain reads r to its end in chunkSize pieces, as writeUpload fills chunks.
+// drain reads r to its end in 1 MiB pieces, as envd fills its write chunks.
 func drain(b *testing.B, r io.Reader) {
-	buf := make([]byte, chunkSize)
+	buf := make([]byte, 1<<20)
 	for {
-		if _, err := fill(r, buf); err != nil {
-			if err != io.EOF {
-				b.Fatal(err)
-			}
+		_, err := io.ReadFull(r, buf)
+		if err == io.EOF || err == io.ErrUnexpectedEOF {
 			return
+		}
+		if err != nil {
+			b.Fatal(err)
 		}
 	}
 }
