@@ -20,11 +20,14 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
 	"strings"
 	"sync"
+
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // EnvdPort is the port of the in-sandbox agent (envd).
@@ -50,6 +53,9 @@ type Target struct {
 	// open one when the sandbox was just created (under TCG a new connection
 	// costs a fresh guest ~10 ms). Nil: the proxy's shared pool.
 	Agent http.RoundTripper
+	// Transfer, when set, is the sandbox's transfer disk: the proxy sends
+	// upload bodies through it instead of the guest's network.
+	Transfer *transfer.Disk
 }
 
 // Router tells the proxy where running sandboxes are. The control plane
@@ -203,6 +209,10 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
 		writeAgentInternal(w, r)
 		return
 	}
+	if d.port == EnvdPort && isFramed(r) {
+		writeError(w, r, http.StatusBadRequest, errorBody{Message: fmt.Sprintf("unsupported Content-Type %q, expected multipart/form-data or application/octet-stream", r.Header.Get("Content-Type"))})
+		return
+	}
 	var target *Target
 	if d.signed {
 		var ok bool
@@ -238,6 +248,12 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, d *destination) {
 	}
 	if d.port != EnvdPort && !trafficTokenOK(w, r, target) {
 		return
+	}
+	if d.port == EnvdPort {
+		if boundary, ok := viaTransfer(r, target); ok {
+			p.forwardUpload(w, r, target, boundary)
+			return
+		}
 	}
 	p.forward(w, r, target, d.port)
 }

@@ -42,6 +42,7 @@ type Disk struct {
 	f      *os.File
 	free   []int64 // offsets of free slots; the lowest handed out last
 	closed bool
+	put    int64 // bytes put, ever
 }
 
 // Open opens the transfer disk file at path (made by Create).
@@ -96,7 +97,17 @@ func (d *Disk) Put(p []byte) (off int64, ok bool, err error) {
 		}
 		return 0, false, err
 	}
+	d.mu.Lock()
+	d.put += int64(len(p))
+	d.mu.Unlock()
 	return off, true, nil
+}
+
+// Written is how many bytes Put has written into the disk, ever.
+func (d *Disk) Written() int64 {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.put
 }
 
 // Release gives slots back once the guest has read them, and their blocks

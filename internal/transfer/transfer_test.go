@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"syscall"
 	"testing"
 )
 
@@ -174,9 +175,8 @@ func TestDiskSlots(t *testing.T) {
 	}
 	// A released slot's blocks go back to the file system.
 	d.Release(b, c)
-	var st1 = blocks(t, path)
-	if st1 != 0 {
-		t.Fatalf("released disk still holds %d blocks", st1)
+	if n := blocks(t, path); n != 0 {
+		t.Fatalf("released disk still holds %d blocks", n)
 	}
 	d.Close()
 	if _, _, err := d.Put([]byte("x")); !errors.Is(err, ErrClosed) {
@@ -190,5 +190,5 @@ func blocks(t *testing.T, path string) int64 {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return statBlocks(fi)
+	return fi.Sys().(*syscall.Stat_t).Blocks
 }
