@@ -262,3 +262,19 @@ func truncate(b []byte) []byte {
 	}
 	return b
 }
+
+// Fill reads from src until p is full or src ends. Unlike io.ReadFull it
+// passes src's own errors on unchanged: a part cut short says so (ErrEOF, or
+// io.ErrUnexpectedEOF from a quoted-printable one), which must stay an error,
+// while io.EOF is the end.
+func Fill(src io.Reader, p []byte) (int, error) {
+	n := 0
+	for n < len(p) {
+		k, err := src.Read(p[n:])
+		n += k
+		if err != nil {
+			return n, err
+		}
+	}
+	return n, nil
+}

@@ -180,7 +180,7 @@ func (s *uploadSender) data(src io.Reader, part string) error {
 	defer slotBuffers.Put(bp)
 	buf := *bp
 	for {
-		n, rerr := fill(src, buf)
+		n, rerr := formdata.Fill(src, buf)
 		if n > 0 {
 			if err := s.put(buf[:n]); err != nil {
 				return err
@@ -197,20 +197,6 @@ func (s *uploadSender) data(src io.Reader, part string) error {
 		}
 		return rerr
 	}
-}
-
-// fill reads from src until p is full or src ends, passing src's errors on
-// unchanged (a part cut short is an error, not the end).
-func fill(src io.Reader, p []byte) (int, error) {
-	n := 0
-	for n < len(p) {
-		k, err := src.Read(p[n:])
-		n += k
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // minSlot is the shortest piece put on the disk; shorter ones go inline.

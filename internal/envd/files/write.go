@@ -10,6 +10,8 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/warren-sh/warren/internal/formdata"
 )
 
 // Uploads are written in chunks of chunkSize bytes with O_DIRECT where the
@@ -86,7 +88,7 @@ func writeUpload(f *os.File, src io.Reader) error {
 	var rerr error
 	for !failed.Load() {
 		buf := <-free
-		n, err := fill(src, *buf)
+		n, err := formdata.Fill(src, *buf)
 		full <- chunk{buf, n}
 		if err != nil {
 			if err != io.EOF {
@@ -100,21 +102,6 @@ func writeUpload(f *os.File, src io.Reader) error {
 		return err
 	}
 	return rerr
-}
-
-// fill reads from src until p is full or src ends. Unlike io.ReadFull it
-// passes src's own errors on unchanged: a multipart part cut short says
-// io.ErrUnexpectedEOF, which must stay an error, while io.EOF is the end.
-func fill(src io.Reader, p []byte) (int, error) {
-	n := 0
-	for n < len(p) {
-		k, err := src.Read(p[n:])
-		n += k
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // chunkWriter writes chunks to f, with O_DIRECT while direct.
