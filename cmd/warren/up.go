@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/netns"
+	"github.com/warren-sh/warren/internal/runtime/microvm"
 	"github.com/warren-sh/warren/internal/server"
 )
 
@@ -52,6 +53,7 @@ Flags (each also read from the environment variable shown):
 	tlsKey := e.String("tls-key", "WARREN_TLS_KEY", "", "PEM private key for --tls files")
 	accel := e.String("vm-accel", "WARREN_VM_ACCEL", "auto", "microVM acceleration: auto (KVM where the CPU has vmx/svm and /dev/kvm works, else TCG), kvm, tcg")
 	aslr := e.String("guest-aslr", "WARREN_GUEST_ASLR", "auto", "address space randomization in sandboxes: auto (on under KVM, off under TCG, where it makes every command start 3-5x slower), on, off; templates keep what they were built with")
+	transferDisk := e.Int("transfer-disk-mb", "WARREN_TRANSFER_DISK_MB", microvm.DefaultTransferDiskSize>>20, "size in MiB of each sandbox's transfer disk, a sparse file that uploads pass through into the sandbox (it takes host disk only while they do); sandboxes get their template's size, and the base template is rebuilt for a new one")
 	envd := e.String("envd", "WARREN_ENVD", defaultEnvd(), "the static envd binary put into every sandbox")
 	slotRange := e.String("slot-range", "WARREN_SLOT_RANGE", netns.DefaultRange.String(), "IPv4 range for sandbox network slots (one /30 each); must not overlap networks the host reaches")
 	maxSandboxes := e.Int("max-sandboxes", "WARREN_MAX_SANDBOXES", 100, "running sandboxes of the default team at once (0 = no limit)")
@@ -88,7 +90,7 @@ Flags (each also read from the environment variable shown):
 	}
 	cfg = server.Config{
 		Listen: *listen, PublicURL: *publicURL, DataDir: *dataDir, DatabaseURL: *dbURL, Domain: *domain,
-		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, GuestASLR: *aslr, Envd: *envd, SlotRange: prefix,
+		TLS: *tlsMode, TLSCert: *tlsCert, TLSKey: *tlsKey, VMAccel: *accel, GuestASLR: *aslr, TransferDiskMB: *transferDisk, Envd: *envd, SlotRange: prefix,
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax, NodeMaxStarting: *nodeStarting,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,

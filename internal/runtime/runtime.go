@@ -142,6 +142,11 @@ type VM interface {
 	StartedAt() time.Time
 	// Done is closed once the VM's process has exited.
 	Done() <-chan struct{}
+	// TransferDisk is the host's file of the VM's transfer disk
+	// (internal/transfer), new and empty at every Start and never part of a
+	// snapshot; empty when the VM has none (restored from a snapshot taken
+	// before VMs had one).
+	TransferDisk() string
 }
 
 // Stats is a VM process's resource use.

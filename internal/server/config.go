@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/node"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // Config is everything `warren up` is started with. Every field has a flag
@@ -29,6 +30,7 @@ type Config struct {
 	TLSCert, TLSKey  string
 	VMAccel          string // auto, kvm or tcg
 	GuestASLR        string // auto, on or off (microvm.Config.GuestASLR)
+	TransferDiskMB   int    // cold-booted VMs' transfer disk in MiB (microvm.Config.TransferDiskSize); 0 = its default
 	Envd             string // the static envd binary for guests
 	SlotRange        netip.Prefix
 	MaxSandboxes     int           // per team, running at once
@@ -114,6 +116,9 @@ func (c *Config) Validate() error {
 	case "", "auto", "on", "off":
 	default:
 		return fmt.Errorf("--guest-aslr %q is not one of auto, on, off", c.GuestASLR)
+	}
+	if min := transfer.MinSize >> 20; c.TransferDiskMB != 0 && c.TransferDiskMB < min {
+		return fmt.Errorf("--transfer-disk-mb %d: at least %d", c.TransferDiskMB, min)
 	}
 	if c.MaxLifetime <= 0 {
 		return fmt.Errorf("--max-sandbox-lifetime must be positive, got %s", c.MaxLifetime)

@@ -73,7 +73,10 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 		}
 	}
 
-	rt, err := microvm.New(microvm.Config{Root: vmsDir(cfg.DataDir), Accel: cfg.VMAccel, GuestASLR: cfg.GuestASLR, Log: log})
+	rt, err := microvm.New(microvm.Config{
+		Root: vmsDir(cfg.DataDir), Accel: cfg.VMAccel, GuestASLR: cfg.GuestASLR,
+		TransferDiskSize: int64(cfg.TransferDiskMB) << 20, Log: log,
+	})
 	if err != nil {
 		return err
 	}

@@ -6,3 +6,7 @@ func SetCPUModel(r *Runtime, model string) { r.cpu = model }
 
 // CPUModel is the default guest CPU model under a.
 func CPUModel(a Accel) string { return cpuModel(a) }
+
+// SetTransferDiskSize makes r cold boot guests with a transfer disk of size
+// bytes; 0: none, a test's stand-in for a warren from before the disk.
+func SetTransferDiskSize(r *Runtime, size int64) { r.transferSize = size }

@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/warren-sh/warren/internal/envd/guestinit"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // Binary is the QEMU system emulator warren runs (Debian's qemu-system-x86).
@@ -112,6 +113,11 @@ type Machine struct {
 	// RootDisk is the guest's /dev/vda, an ext4 image; RootFormat is its QEMU
 	// format ("raw", or "qcow2" for an overlay).
 	RootDisk, RootFormat string
+	// TransferDisk, when set, is the VM's transfer disk (internal/transfer):
+	// a raw file the host writes upload bytes into and the guest reads, a
+	// second virtio-blk device with the serial transfer.Serial. A restore
+	// must have it exactly when its snapshot had it, of the same size.
+	TransferDisk string
 
 	// Tap is the tap device in QEMU's network namespace that carries eth0;
 	// MAC is the guest's (netns.Slot.GuestMAC). The MAC must be the same in
@@ -244,11 +250,33 @@ func (m Machine) Args() ([]string, error) {
 		"-device", "virtio-net-device,netdev=net0,mac="+m.MAC.String(),
 		"-qmp", "unix:"+escape(m.QMPSocket)+",server=on,wait=off",
 	)
+	if m.TransferDisk != "" {
+		args = append(args, transferArgs(m.TransferDisk)...)
+	}
 	if m.Incoming {
 		// -S keeps the restored VM paused until the runtime says cont.
 		args = append(args, "-incoming", "defer", "-S")
 	}
 	return args, nil
+}
+
+// transferArgs attach the transfer disk at path. The guest only reads it
+// (read-only=on: it cannot write slots the host hands out), and the host
+// writes the file behind QEMU's back, so QEMU must keep no copy of its own:
+// raw, read through the host's page cache (cache=writeback), where the
+// host's writes land, with O_DIRECT in the guest to skip the guest's cache.
+//
+// It comes last on the command line, so that the root disk stays the
+// guest's /dev/vda: microvm gives each -device the next free virtio-mmio
+// transport from the top (root 0xfeb02e00, net the one below, this disk the
+// next), its ACPI table lists them in that order, and the guest probes them
+// so (virtio0, virtio1...). Put before the root disk, this disk became vda
+// and init failed to mount the root. TestTransferDisk checks vda and vdb.
+func transferArgs(path string) []string {
+	return []string{
+		"-drive", "id=transfer,if=none,format=raw,read-only=on,cache=writeback,file=" + escape(path),
+		"-device", "virtio-blk-device,drive=transfer,serial=" + transfer.Serial,
+	}
 }
 
 func (m Machine) memoryMiB() int {

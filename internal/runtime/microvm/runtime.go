@@ -3,6 +3,7 @@ package microvm
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/binary"
 	"encoding/json"
@@ -24,17 +25,19 @@ import (
 
 	"github.com/warren-sh/warren/internal/envd/guestinit"
 	"github.com/warren-sh/warren/internal/runtime"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // Files in a VM's state directory, <Root>/<id>/.
 const (
-	recordFile  = "vm.json"       // record: what Adopt and Snapshot need
-	pidFile     = "pid"           // QEMU's pid, written once it started
-	overlayFile = "overlay.qcow2" // the root disk's copy-on-write overlay
-	memFile     = "mem"           // guest RAM of a VM that owns it (share=on): cold booted or resumed
-	qmpFile     = "qmp.sock"      // QMP control socket
-	serialFile  = "serial.log"    // the guest console: kernel and init's boot log
-	qemuLogFile = "qemu.log"      // QEMU's own stdout and stderr
+	recordFile   = "vm.json"       // record: what Adopt and Snapshot need
+	pidFile      = "pid"           // QEMU's pid, written once it started
+	overlayFile  = "overlay.qcow2" // the root disk's copy-on-write overlay
+	memFile      = "mem"           // guest RAM of a VM that owns it (share=on): cold booted or resumed
+	transferFile = "transfer"      // the transfer disk (internal/transfer): new and empty at every start
+	qmpFile      = "qmp.sock"      // QMP control socket
+	serialFile   = "serial.log"    // the guest console: kernel and init's boot log
+	qemuLogFile  = "qemu.log"      // QEMU's own stdout and stderr
 )
 
 // Config configures a Runtime.
@@ -53,9 +56,19 @@ type Config struct {
 	// guest translates its code anew: a command starts 3-5 times slower. A
 	// restored VM keeps the setting of the VM its snapshot was taken from.
 	GuestASLR string
+	// TransferDiskSize is the size in bytes of the transfer disk cold-booted
+	// VMs get (internal/transfer: uploads pass through it); 0 is
+	// DefaultTransferDiskSize. The file is sparse: it takes host disk only
+	// while uploads pass through. A restored VM gets a disk of its
+	// snapshot's size, as the saved guest knows it.
+	TransferDiskSize int64
 	// Log receives warnings (TCG); nil discards them.
 	Log *slog.Logger
 }
+
+// DefaultTransferDiskSize is Config.TransferDiskSize unless set: room for
+// the slots of a few large uploads at once.
+const DefaultTransferDiskSize = 1 << 30
 
 // Runtime runs VMs as QEMU microvm processes, one per sandbox, each started
 // inside its sandbox's network namespace and controlled over QMP. It
@@ -67,7 +80,9 @@ type Runtime struct {
 	cpu    string // the guest CPU model of cold boots: cpuModel(accel)
 	qemu   string // QEMU's version, as --version prints it
 	aslr   bool   // cold boots randomize guest address spaces
-	log    *slog.Logger
+	// transferSize is the transfer disk of cold boots, in bytes: whole slots.
+	transferSize int64
+	log          *slog.Logger
 }
 
 var _ runtime.Runtime = (*Runtime)(nil)
@@ -117,6 +132,10 @@ func New(cfg Config) (*Runtime, error) {
 	default:
 		return nil, fmt.Errorf("microvm: guest ASLR %q is not one of auto, on, off", cfg.GuestASLR)
 	}
+	r.transferSize = cmp.Or(cfg.TransferDiskSize, DefaultTransferDiskSize) &^ (transfer.SlotSize - 1)
+	if r.transferSize < transfer.MinSize {
+		return nil, fmt.Errorf("microvm: transfer disk size %d: at least %d bytes (%d MiB)", cfg.TransferDiskSize, transfer.MinSize, transfer.MinSize>>20)
+	}
 	out, err := exec.Command(Binary, "--version").Output()
 	if err != nil {
 		return nil, fmt.Errorf("microvm: %s --version: %w (install it: apt-get install -y qemu-system-x86)", Binary, err)
@@ -145,6 +164,11 @@ func (r *Runtime) CPUModel() string { return r.cpu }
 
 // Version is QEMU's version: a snapshot restores only on the QEMU that saved it.
 func (r *Runtime) Version() string { return r.qemu }
+
+// TransferDiskSize is the size in bytes of the transfer disk cold boots
+// get. A snapshot records it, and its restores get a disk of that size
+// (none when it is 0: a snapshot from before the disk).
+func (r *Runtime) TransferDiskSize() int64 { return r.transferSize }
 
 // VM is one QEMU process. It implements runtime.VM.
 type VM struct {
@@ -177,6 +201,17 @@ func (v *VM) StartedAt() time.Time { return v.rec.StartedAt }
 
 // Done is closed once QEMU has exited.
 func (v *VM) Done() <-chan struct{} { return v.done }
+
+// TransferDisk is the host's file of the VM's transfer disk, for
+// transfer.Open; empty when the VM has none (restored from a snapshot taken
+// before VMs had one). The file is new and empty at every Start: it is not
+// part of any snapshot.
+func (v *VM) TransferDisk() string {
+	if v.rec.Hardware.TransferDisk == 0 {
+		return ""
+	}
+	return v.path(transferFile)
+}
 
 // ConsoleLog is the file holding the guest's console: the kernel's and
 // init's boot messages (of this VM's process: a restored VM's starts at the
@@ -413,8 +448,25 @@ func (r *Runtime) machine(spec runtime.Spec, v *VM, moved *moves) (m Machine, fo
 	// A cold-booted VM keeps its RAM in a shared file, so that Snapshot can
 	// hand the file over instead of copying the memory.
 	m.MemoryFile, m.MemoryShared = filepath.Join(dir, memFile), true
+	if m.TransferDisk, err = newTransferDisk(dir, r.transferSize); err != nil {
+		return m, "", err
+	}
 	v.rec.Hardware, v.rec.SharedMemory, v.rec.DiskBacking = r.hardwareOf(m, root, format), true, root
 	return m, "", nil
+}
+
+// newTransferDisk makes the empty transfer disk of size bytes in the VM
+// directory dir and returns its path; none when size is 0 (a restore of a
+// snapshot from before the disk).
+func newTransferDisk(dir string, size int64) (string, error) {
+	if size == 0 {
+		return "", nil
+	}
+	p := filepath.Join(dir, transferFile)
+	if err := transfer.Create(p, size); err != nil {
+		return "", fmt.Errorf("transfer disk: %w", err)
+	}
+	return p, nil
 }
 
 // restoreMachine is machine for a restore of spec.Snapshot. The guest's RAM:
@@ -448,8 +500,15 @@ func (r *Runtime) restoreMachine(spec runtime.Spec, v *VM, m Machine, moved *mov
 		// whatever cold boots use today.
 		m.CPU = hw.CPU
 	} else {
-		// A cold boot on the saved disk: today's model, recorded as such.
-		hw.CPU = m.CPU
+		// A cold boot on the saved disk: today's model and transfer disk,
+		// recorded as such.
+		hw.CPU, hw.TransferDisk = m.CPU, r.transferSize
+	}
+	// The saved guest knows its transfer disk's size (or that it had none):
+	// the device must be as it was. Its content is not saved: a new, empty
+	// file serves.
+	if m.TransferDisk, err = newTransferDisk(v.dir, hw.TransferDisk); err != nil {
+		return m, "", err
 	}
 	v.rec.Hardware, v.rec.DiskBacking = hw, snap.DiskBacking.Path
 	disk, mem := filepath.Join(spec.Snapshot, snapDiskFile), filepath.Join(spec.Snapshot, snapMemFile)

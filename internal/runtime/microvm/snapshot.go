@@ -30,6 +30,10 @@ import (
 //	               it, so every restore writes to its own overlay over this one
 //	               (memory "file") or to its own copy of it (the others)
 //	manifest.json  Manifest: what a restoring QEMU must reproduce
+//
+// The VM's transfer disk is not saved: it holds only upload bytes in flight,
+// which a stopped VM's envd no longer reads. Every restore gets a new, empty
+// one of the recorded size.
 const (
 	snapMemFile      = "mem"
 	snapStateFile    = "state"
@@ -89,6 +93,10 @@ type hardware struct {
 	// RootDisk is the image under the VM's overlay, never written.
 	RootDisk   fileID `json:"rootDisk"`
 	RootFormat string `json:"rootFormat"`
+	// TransferDisk is the size in bytes of the transfer disk, a device the
+	// saved guest knows; 0 (absent) in snapshots of VMs without one, whose
+	// restores get none. Its content is never saved: each VM's is its own.
+	TransferDisk int64 `json:"transferDisk,omitempty"`
 }
 
 // fileID identifies a file's content cheaply: path, size and modification time.
@@ -129,6 +137,7 @@ func (r *Runtime) hardwareOf(m Machine, root, format string) hardware {
 		Kernel: fileID{Path: m.Kernel}, Initramfs: fileID{Path: m.Initramfs},
 		Cmdline:  m.cmdline(),
 		RootDisk: fileID{Path: root}, RootFormat: format,
+		TransferDisk: r.transferSize,
 	}
 }
 

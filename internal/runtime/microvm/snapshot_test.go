@@ -94,7 +94,7 @@ func randomHex(n int) string {
 func TestSnapshotDirectory(t *testing.T) {
 	rt, pool := newRuntime(t), newPool(t)
 	tp := snapshotTemplate(t, rt, pool)
-	for name, check := range map[string]func(os.FileInfo) error{
+	files := map[string]func(os.FileInfo) error{
 		"mem": func(fi os.FileInfo) error {
 			if fi.Size() != 256<<20 {
 				return fmt.Errorf("%d bytes, want the VM's 256 MiB", fi.Size())
@@ -113,7 +113,8 @@ func TestSnapshotDirectory(t *testing.T) {
 		},
 		"rootfs.qcow2":  func(os.FileInfo) error { return nil },
 		"manifest.json": func(os.FileInfo) error { return nil },
-	} {
+	}
+	for name, check := range files {
 		fi, err := os.Stat(filepath.Join(tp.dir, name))
 		if err == nil {
 			err = check(fi)
@@ -122,9 +123,22 @@ func TestSnapshotDirectory(t *testing.T) {
 			t.Errorf("snapshot %s: %v", name, err)
 		}
 	}
+	// Nothing else: the transfer disk, above all, is each VM's own.
+	entries, err := os.ReadDir(tp.dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if files[e.Name()] == nil {
+			t.Errorf("snapshot holds %s", e.Name())
+		}
+	}
 	m, err := microvm.ReadManifest(tp.dir)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if m.Hardware.TransferDisk != microvm.DefaultTransferDiskSize {
+		t.Errorf("manifest records a transfer disk of %d bytes, want the cold boot's %d", m.Hardware.TransferDisk, microvm.DefaultTransferDiskSize)
 	}
 	if m.Hardware.MemoryMiB != 256 || m.Hardware.CPUs != 1 || m.Hardware.Kernel.Path != tp.a.kernel.Image || m.Hardware.QEMU == "" {
 		t.Errorf("manifest hardware %+v: want 1 CPU, 256 MiB, kernel %s, a QEMU version", m.Hardware, tp.a.kernel.Image)
