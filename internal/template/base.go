@@ -72,7 +72,8 @@ const baseDir = "base"
 //
 //	2: the guest CPU has ARAT under TCG (a tickless idle)
 //	3: the guest CPU is x86-64-v3 under TCG
-const baseRecipe = 3
+//	4: the VM has a transfer disk (internal/transfer), which restores keep
+const baseRecipe = 4
 
 // E2B's base template sizes: 2 vCPUs, 512 MiB. A snapshot fixes them for
 // every sandbox restored from it.
@@ -145,6 +146,9 @@ type BaseInputs struct {
 	// GuestASLR is the runtime's (microvm.Config.GuestASLR): the snapshot's
 	// kernel keeps it.
 	GuestASLR bool `json:"guestASLR"`
+	// TransferDisk is the size of the runtime's transfer disk
+	// (microvm.Runtime.TransferDiskSize): the snapshot's guest keeps it.
+	TransferDisk int64 `json:"transferDisk"`
 }
 
 // BuildID hashes the inputs: 16 hex digits.
@@ -235,7 +239,7 @@ func ensureBase(ctx context.Context, p *progress, dataDir string, opts BaseOptio
 		Kernel: kernel.Package + " " + kernel.Version,
 		Rootfs: img.Manifest,
 		QEMU:   opts.Runtime.Version(), Accel: opts.Runtime.Accel(), GuestASLR: opts.Runtime.GuestASLR(),
-		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB,
+		CPUs: opts.CPUs, MemoryMiB: opts.MemoryMiB, TransferDisk: opts.Runtime.TransferDiskSize(),
 	}
 	id := in.BuildID()
 	base := filepath.Join(dataDir, "templates", baseDir)

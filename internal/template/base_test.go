@@ -283,14 +283,15 @@ func TestBaseInputsBuildID(t *testing.T) {
 		t.Fatalf("BuildID %q is not 16 stable hex digits", in.BuildID())
 	}
 	for name, change := range map[string]func(*template.BaseInputs){
-		"recipe":      func(i *template.BaseInputs) { i.Recipe++ },
-		"envd":        func(i *template.BaseInputs) { i.EnvdSHA256 = "bb" },
-		"kernel":      func(i *template.BaseInputs) { i.Kernel = "linux-image-6.1.0-57-cloud-amd64 6.1.193-1" },
-		"root image":  func(i *template.BaseInputs) { i.Rootfs.SizeBytes++ },
-		"QEMU":        func(i *template.BaseInputs) { i.QEMU = "8.0" },
-		"accel":       func(i *template.BaseInputs) { i.Accel = microvm.KVM },
-		"CPU count":   func(i *template.BaseInputs) { i.CPUs = 1 },
-		"memory size": func(i *template.BaseInputs) { i.MemoryMiB = 1024 },
+		"recipe":        func(i *template.BaseInputs) { i.Recipe++ },
+		"envd":          func(i *template.BaseInputs) { i.EnvdSHA256 = "bb" },
+		"kernel":        func(i *template.BaseInputs) { i.Kernel = "linux-image-6.1.0-57-cloud-amd64 6.1.193-1" },
+		"root image":    func(i *template.BaseInputs) { i.Rootfs.SizeBytes++ },
+		"QEMU":          func(i *template.BaseInputs) { i.QEMU = "8.0" },
+		"accel":         func(i *template.BaseInputs) { i.Accel = microvm.KVM },
+		"CPU count":     func(i *template.BaseInputs) { i.CPUs = 1 },
+		"memory size":   func(i *template.BaseInputs) { i.MemoryMiB = 1024 },
+		"transfer disk": func(i *template.BaseInputs) { i.TransferDisk = 2 << 30 },
 	} {
 		changed := in
 		change(&changed)

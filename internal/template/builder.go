@@ -482,12 +482,13 @@ func (bd *build) cachedSteps() (int, string) {
 	return k, root
 }
 
-// finalKey hashes what the snapshot depends on beyond the layers.
+// finalKey hashes what the snapshot depends on beyond the layers: the
+// runtime's part is what the snapshot's guest keeps (its CPU, its devices).
 func (bd *build) finalKey() string {
-	r := bd.req
+	r, rt := bd.req, bd.b.cfg.Runtime
 	last := bd.states[len(bd.states)-1]
 	return hashOf(bd.hashes[len(bd.hashes)-1], r.StartCmd, r.ReadyCmd, r.CPUs, r.MemoryMiB, r.MinFreeDiskMiB,
-		bd.b.cfg.Runtime.Version(), bd.b.cfg.Runtime.Accel(), bd.b.cfg.Runtime.CPUModel(), last)
+		rt.Version(), rt.Accel(), rt.CPUModel(), rt.TransferDiskSize(), last)
 }
 
 // finalEntry is a cached build result.
