@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/runtime"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // agentIdleTimeout is how long an idle connection into a guest's envd is
@@ -20,10 +21,11 @@ import (
 // guest is closing.
 const agentIdleTimeout = 5 * time.Minute
 
-// agent is the way into one VM's envd: its address and a pool of kept-alive
-// connections that lives and dies with the VM. A slot's address is reused by
-// the next VM, which must never receive a dead one's connection, so the pool
-// is the VM's, not the host's: closed when the VM goes.
+// agent is the way into one VM's envd: its address, a pool of kept-alive
+// connections and the VM's transfer disk, which live and die with the VM. A
+// slot's address is reused by the next VM, which must never receive a dead
+// one's connection, so the pool is the VM's, not the host's: closed when the
+// VM goes. So is the transfer disk, whose file goes with the VM's state.
 //
 // Under TCG a new connection costs a fresh guest ~10 ms (the guest kernel's
 // accept, envd's first read of it), on the path of every create and of the
@@ -39,6 +41,10 @@ type agent struct {
 	client    *http.Client
 	probe     chan net.Conn // a connection waitListening made, for the next dial
 	closed    atomic.Bool
+	// transfer is the VM's transfer disk, for the proxy's uploads
+	// (Manager.TransferDisk); nil until openTransfer, and for a VM without
+	// one. Set before the sandbox (or warm VM) is handed out.
+	transfer *transfer.Disk
 }
 
 // errAgentClosed fails requests through the pool of a VM that is gone: its
@@ -118,10 +124,28 @@ func (a *agent) waitListening(ctx context.Context, vm runtime.VM) error {
 	}
 }
 
-// close drops the pool's idle connections and fails later dials. Call it
-// when the VM is gone or about to be: requests in flight end with the VM.
+// openTransfer opens vm's transfer disk, if it has one, once vm started.
+func (a *agent) openTransfer(vm runtime.VM) error {
+	p := vm.TransferDisk()
+	if p == "" {
+		return nil
+	}
+	d, err := transfer.Open(p)
+	if err != nil {
+		return fmt.Errorf("open the transfer disk: %w", err)
+	}
+	a.transfer = d
+	return nil
+}
+
+// close drops the pool's idle connections and fails later dials and Puts
+// on the transfer disk. Call it when the VM is gone or about to be:
+// requests in flight end with the VM.
 func (a *agent) close() {
 	a.closed.Store(true)
+	if a.transfer != nil {
+		a.transfer.Close()
+	}
 	a.transport.CloseIdleConnections()
 	select {
 	case c := <-a.probe:

@@ -28,6 +28,7 @@ import (
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime"
 	"github.com/warren-sh/warren/internal/template"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 // Config configures a Manager.
@@ -416,8 +417,12 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		return err
 	}
 	restored := time.Now().UTC()
-	// A warm VM's envd listened before it was frozen.
+	// A warm VM's envd listened before it was frozen, and its transfer disk
+	// is open.
 	if warm == nil {
+		if err := ag.openTransfer(vm); err != nil {
+			return err
+		}
 		if err := ag.waitListening(ctx, vm); err != nil {
 			return withConsole(err, vm)
 		}
@@ -717,6 +722,19 @@ func (m *Manager) AgentTransport(id string) http.RoundTripper {
 		return nil
 	}
 	return sb.agent.transport
+}
+
+// TransferDisk returns the transfer disk of running sandbox id, for the
+// proxy to send upload bodies through (internal/transfer); nil when the
+// sandbox does not run here or its VM has none (restored from a snapshot
+// older than the disk). Puts fail with transfer.ErrClosed once the
+// sandbox's VM is gone.
+func (m *Manager) TransferDisk(id string) *transfer.Disk {
+	sb, err := m.running(id)
+	if err != nil {
+		return nil
+	}
+	return sb.agent.transfer
 }
 
 // metrics is envd's GET /metrics body (E2B's names; bytes and percent).

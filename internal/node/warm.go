@@ -49,7 +49,7 @@ const refillQuiet = time.Second
 type warmVM struct {
 	vm       runtime.VM
 	slot     *netns.Slot
-	agent    *agent // its warm-up connection stays open while it is frozen
+	agent    *agent // its warm-up connection and transfer disk stay open while it is frozen
 	artifact *template.Artifact
 	at       time.Time // when it was ready
 }
@@ -233,6 +233,9 @@ func (m *Manager) fillWarm(a *template.Artifact) (err error) {
 	spec := a.Spec("warm-"+hex.EncodeToString(suffix), slot)
 	spec.Background = true // the refill must not slow the creates that emptied the pool
 	if w.vm, err = m.rt.Start(ctx, spec); err != nil {
+		return err
+	}
+	if err := w.agent.openTransfer(w.vm); err != nil {
 		return err
 	}
 	if err := w.agent.waitListening(ctx, w.vm); err != nil {

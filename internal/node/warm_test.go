@@ -118,6 +118,9 @@ func TestWarmPool(t *testing.T) {
 	if now := time.Now().Unix(); guest < now-2 || guest > now+2 {
 		t.Errorf("guest clock %d, host %d", guest, now)
 	}
+	// The warm VM's transfer disk, opened when it was prepared, is the
+	// sandbox's.
+	checkTransfer(t, m, info)
 	if _, err := execIn(t.Context(), info, "wrong-token", "true"); err == nil {
 		t.Error("a wrong token ran a command in the claimed sandbox")
 	}

@@ -43,6 +43,7 @@ import (
 	"github.com/warren-sh/warren/internal/store/postgres"
 	"github.com/warren-sh/warren/internal/store/sqlite"
 	"github.com/warren-sh/warren/internal/template"
+	"github.com/warren-sh/warren/internal/transfer"
 	"github.com/warren-sh/warren/internal/version"
 )
 
@@ -124,7 +125,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	if err != nil {
 		return err
 	}
-	px = proxy.New(proxy.Config{Router: router{ctl: ctl, agents: mgr.AgentTransport}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
+	px = proxy.New(proxy.Config{Router: router{ctl: ctl, agents: mgr.AgentTransport, transfers: mgr.TransferDisk}, Domain: cfg.Domain, Log: log.With("role", "proxy")})
 	defer px.Close()
 	handler := px.Wrap(api.New(api.Config{Control: ctl, Templates: tpl, Store: st, Log: log.With("role", "api"), Domain: cfg.Domain}))
 
@@ -389,14 +390,18 @@ func printReady(out io.Writer, cfg Config, addr net.Addr, tlsOn bool, caPath, ne
 }
 
 // router lets the proxy find sandboxes through the control plane, and reach
-// their agents over the node's own connections.
+// their agents over the node's own connections and transfer disks.
 type router struct {
-	ctl    *control.Controller
-	agents func(sandboxID string) http.RoundTripper // node.Manager.AgentTransport
+	ctl       *control.Controller
+	agents    func(sandboxID string) http.RoundTripper // node.Manager.AgentTransport
+	transfers func(sandboxID string) *transfer.Disk    // node.Manager.TransferDisk
 }
 
 func (r router) target(rt *control.Route) *proxy.Target {
-	return &proxy.Target{SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken, Agent: r.agents(rt.SandboxID)}
+	return &proxy.Target{
+		SandboxID: rt.SandboxID, Host: rt.Host, EnvdToken: rt.EnvdToken,
+		Agent: r.agents(rt.SandboxID), Transfer: r.transfers(rt.SandboxID),
+	}
 }
 
 func (r router) Lookup(ctx context.Context, id string) (*proxy.Target, error) {
