@@ -9,6 +9,7 @@ package node_test
 //	envd/multipart  the same body as one multipart/form-data part (the SDK's ArrayBuffer/Blob form)
 //	proxy/octet   the octet-stream POST through warren's proxy on loopback, as the SDK sends it
 //	proxy/octet-chunked  the same without a length (chunked), as the SDK sends a ReadableStream
+//	proxy+transfer/...   the same two through the sandbox's transfer disk (internal/transfer)
 //
 // Each reports MiB/s; run a few iterations:
 //
@@ -18,6 +19,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -33,6 +36,7 @@ import (
 
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/proxy"
+	"github.com/warren-sh/warren/internal/transfer"
 )
 
 const uploadSize = 100 << 20
@@ -94,10 +98,13 @@ func BenchmarkUpload(b *testing.B) {
 			b.Fatalf("POST /files answered %s: %s", resp.Status, answer)
 		}
 	}
+	// check fails unless the guest's file holds the payload (after the
+	// timing: a checksum of 100 MiB takes the guest a few seconds).
+	sum := sha256.Sum256(payload)
 	check := func(b *testing.B) {
 		b.Helper()
-		if got := strings.TrimSpace(run(b, info, "stat -c %s "+target+" && rm "+target)); got != strconv.Itoa(uploadSize) {
-			b.Fatalf("%s has %s bytes, want %d", target, got, uploadSize)
+		if got := strings.TrimSpace(run(b, info, "sha256sum "+target+" | cut -d' ' -f1 && rm "+target)); got != hex.EncodeToString(sum[:]) {
+			b.Fatalf("%s has sha256 %s, the payload %x", target, got, sum)
 		}
 	}
 
@@ -122,22 +129,27 @@ func BenchmarkUpload(b *testing.B) {
 		check(b)
 	})
 
-	p := proxy.New(proxy.Config{Router: fixedRouter{&proxy.Target{SandboxID: info.ID, Host: info.Host, EnvdToken: token}}})
-	srv := httptest.NewServer(p.Wrap(http.NotFoundHandler()))
-	defer func() {
+	// Through the proxy as the body came, then through the sandbox's
+	// transfer disk as warren's proxy sends it.
+	for _, via := range []struct {
+		name string
+		disk *transfer.Disk
+	}{{"proxy", nil}, {"proxy+transfer", m.TransferDisk(info.ID)}} {
+		p := proxy.New(proxy.Config{Router: fixedRouter{&proxy.Target{SandboxID: info.ID, Host: info.Host, EnvdToken: token, Transfer: via.disk}}})
+		srv := httptest.NewServer(p.Wrap(http.NotFoundHandler()))
+		routed := http.Header{"E2b-Sandbox-Id": {info.ID}, "E2b-Sandbox-Port": {"49983"}}
+		for _, chunked := range []bool{false, true} {
+			name := via.name + map[bool]string{false: "/octet", true: "/octet-chunked"}[chunked]
+			b.Run(name, func(b *testing.B) {
+				for b.Loop() {
+					post(b, srv.URL, "application/octet-stream", payload, routed, chunked)
+				}
+				reportMiBps(b, b.Elapsed())
+				check(b)
+			})
+		}
 		srv.Close()
 		p.Close()
-	}()
-	routed := http.Header{"E2b-Sandbox-Id": {info.ID}, "E2b-Sandbox-Port": {"49983"}}
-	for _, chunked := range []bool{false, true} {
-		name := map[bool]string{false: "proxy/octet", true: "proxy/octet-chunked"}[chunked]
-		b.Run(name, func(b *testing.B) {
-			for b.Loop() {
-				post(b, srv.URL, "application/octet-stream", payload, routed, chunked)
-			}
-			reportMiBps(b, b.Elapsed())
-			check(b)
-		})
 	}
 }
 
