@@ -17,7 +17,7 @@ import (
 )
 
 // userDir is a temporary directory the agent's default user ("user") owns.
-func userDir(t *testing.T) string {
+func userDir(t testing.TB) string {
 	t.Helper()
 	u := envdtest.EnsureUser(t)
 	dir := t.TempDir()

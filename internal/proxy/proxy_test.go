@@ -70,9 +70,9 @@ type env struct {
 // apiBody is what the API stand-in answers, so tests see a request reached it.
 const apiBody = "api answered"
 
-func newEnv(t *testing.T) *env { return newEnvDomain(t, testDomain) }
+func newEnv(t testing.TB) *env { return newEnvDomain(t, testDomain) }
 
-func newEnvDomain(t *testing.T, domain string) *env {
+func newEnvDomain(t testing.TB, domain string) *env {
 	t.Helper()
 	e := &env{router: &fakeRouter{targets: map[string]*Target{}}}
 	e.proxy = New(Config{Router: e.router, Domain: domain})

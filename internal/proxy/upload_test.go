@@ -21,7 +21,7 @@ import (
 
 // startTransferSandbox runs envd with a transfer disk of slots slots (a file
 // here; a virtio disk in a VM) and routes id to it with the disk.
-func (e *env) startTransferSandbox(t *testing.T, id string, slots int) (*sandbox, *transfer.Disk) {
+func (e *env) startTransferSandbox(t testing.TB, id string, slots int) (*sandbox, *transfer.Disk) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "transfer.disk")
 	if err := transfer.Create(path, transfer.MinSize+int64(slots-1)*transfer.SlotSize); err != nil {

@@ -101,20 +101,61 @@ func writeUpload(f *os.File, src io.Reader) error {
 	if err := <-written; err != nil {
 		return err
 	}
-	return rerr
+	if rerr != nil {
+		return rerr
+	}
+	return w.trim()
 }
+
+// reserveStep is how far ahead of its O_DIRECT writes an upload's file is
+// allocated. A direct write past the end of the file costs ext4 much more
+// than one into allocated blocks (it serializes, updates the size and puts
+// the inode on the orphan list in the journal for each write): in a guest
+// under TCG, 100 MiB in 1 MiB writes took 0.17–0.42 s appending and
+// 0.11–0.24 s into fallocated space.
+const reserveStep = 16 << 20
 
 // chunkWriter writes chunks to f, with O_DIRECT while direct.
 type chunkWriter struct {
 	f      *os.File
 	direct bool
+	off    int64 // bytes written
+	// reserved is how far the file is allocated ahead of off (fallocate
+	// also sets its size, which trim takes back); -1 once the file system
+	// turned fallocate down.
+	reserved int64
+}
+
+// reserve allocates the file through at least end, a reserveStep at a time.
+func (w *chunkWriter) reserve(end int64) {
+	if w.reserved < 0 || end <= w.reserved {
+		return
+	}
+	to := (end + reserveStep - 1) / reserveStep * reserveStep
+	if err := unix.Fallocate(int(w.f.Fd()), 0, w.reserved, to-w.reserved); err != nil {
+		// Not supported, or no space for the reserve: plain writes tell
+		// whether the data itself fits.
+		w.reserved = -1
+		return
+	}
+	w.reserved = to
+}
+
+// trim cuts what reserve allocated beyond the data.
+func (w *chunkWriter) trim() error {
+	if w.reserved > w.off {
+		return w.f.Truncate(w.off)
+	}
+	return nil
 }
 
 // write writes p: its whole blocks with O_DIRECT when on, the rest (the
 // file's tail) buffered.
 func (w *chunkWriter) write(p []byte) error {
 	if whole := len(p) &^ (directAlign - 1); w.direct && whole > 0 {
-		_, err := w.f.Write(p[:whole])
+		w.reserve(w.off + int64(whole))
+		n, err := w.f.Write(p[:whole])
+		w.off += int64(n)
 		if !errors.Is(err, syscall.EINVAL) {
 			if err != nil {
 				return err
@@ -133,7 +174,8 @@ func (w *chunkWriter) write(p []byte) error {
 		}
 		w.direct = false
 	}
-	_, err := w.f.Write(p)
+	n, err := w.f.Write(p)
+	w.off += int64(n)
 	return err
 }
 
