@@ -20,9 +20,9 @@ import (
 // into the disk's slots and sends envd a framed body that says where they
 // are (package transfer). The client sees envd's answer as always.
 
-// minTransfer is the smallest body with a known length worth the transfer
-// disk: a smaller one goes inline anyway.
-const minTransfer = transfer.SlotSize
+// minTransfer is the smallest body with a known length sent through the
+// transfer disk; a smaller one goes to envd as it is.
+const minTransfer = 1 << 20
 
 // viaTransfer reports whether r is an upload to send through t's transfer
 // disk: a POST /files of an octet-stream body with a path, or of a multipart

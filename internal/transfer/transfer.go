@@ -42,7 +42,7 @@ const (
 	Serial = "warren-transfer"
 	// SlotSize is the unit the host allocates on the disk, and the most
 	// bytes one X frame carries.
-	SlotSize = 1 << 20
+	SlotSize = 4 << 20
 	// Align is what O_DIRECT asks of offsets, lengths and buffer addresses.
 	Align = 4096
 	// maxName bounds an F frame's name, maxInline a D frame and maxMessage an
