@@ -236,15 +236,17 @@ func TestKillPausedSandboxRemovesSavedState(t *testing.T) {
 // autoPauseMemory is false, and shows lifecycle.onTimeout "pause".
 func TestAutoPauseAtDeadline(t *testing.T) {
 	e := newEnv(t, envOptions{evictEvery: 10 * time.Millisecond})
-	withMemory := e.create(keyA, `{"templateID":"base","timeout":1,"autoPause":true,"autoResume":{"enabled":true}}`).SandboxID
-	diskOnly := e.create(keyA, `{"templateID":"base","timeout":1,"autoPause":true,"autoPauseMemory":false}`).SandboxID
+	// Each is looked at right after its create: on a loaded host a second
+	// can pass before the next create, and the one before is then gone.
 	killed := e.create(keyA, `{"templateID":"base","timeout":1}`).SandboxID
-	if d := e.detail(keyA, withMemory); d.Lifecycle.OnTimeout != "pause" || !d.Lifecycle.AutoResume {
-		t.Errorf("lifecycle = %+v, want onTimeout pause, autoResume", d.Lifecycle)
-	}
 	if d := e.detail(keyA, killed); d.Lifecycle.OnTimeout != "kill" || d.Lifecycle.AutoResume {
 		t.Errorf("lifecycle = %+v, want onTimeout kill", d.Lifecycle)
 	}
+	withMemory := e.create(keyA, `{"templateID":"base","timeout":1,"autoPause":true,"autoResume":{"enabled":true}}`).SandboxID
+	if d := e.detail(keyA, withMemory); d.Lifecycle.OnTimeout != "pause" || !d.Lifecycle.AutoResume {
+		t.Errorf("lifecycle = %+v, want onTimeout pause, autoResume", d.Lifecycle)
+	}
+	diskOnly := e.create(keyA, `{"templateID":"base","timeout":1,"autoPause":true,"autoPauseMemory":false}`).SandboxID
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		if e.node.killCount(killed) == 1 && len(e.node.savedKeys()) == 2 {

@@ -76,10 +76,13 @@ func (p *Proxy) forwardUpload(w http.ResponseWriter, r *http.Request, target *Ta
 	sent := make(chan struct{})
 	go func() {
 		defer close(sent)
-		err := s.send(r.Body, boundary, r.URL.Query().Get("path"))
-		if err == nil {
-			s.readAll.Store(true)
+		body := &eofReader{r: r.Body}
+		err := s.send(body, boundary, r.URL.Query().Get("path"))
+		if err == nil && !body.eof {
+			// A multipart body's epilogue, after its closing boundary.
+			io.CopyN(io.Discard, body, maxEpilogue)
 		}
+		s.readAll.Store(body.eof)
 		pw.CloseWithError(err)
 	}()
 	p.forward(&earlyAnswer{w, s}, out, target, EnvdPort)
@@ -98,6 +101,24 @@ func (p *Proxy) forwardUpload(w http.ResponseWriter, r *http.Request, target *Ta
 
 var errUploadAnswered = errors.New("the upload was answered")
 
+// maxEpilogue is how much after a multipart body's closing boundary the proxy
+// reads so that the connection can carry the next request.
+const maxEpilogue = 64 << 10
+
+// eofReader notes when its reader ended.
+type eofReader struct {
+	r   io.Reader
+	eof bool
+}
+
+func (e *eofReader) Read(p []byte) (int, error) {
+	n, err := e.r.Read(p)
+	if err == io.EOF {
+		e.eof = true
+	}
+	return n, err
+}
+
 // senderGrace is how long an answered upload waits for the client's next
 // bytes before it cuts the connection's reading.
 const senderGrace = time.Second
@@ -107,7 +128,8 @@ type uploadSender struct {
 	disk  *transfer.Disk
 	w     *transfer.Writer
 	slots []int64 // taken, released once envd has answered
-	// readAll: the client's whole body was read (before envd can answer).
+	// readAll: the client's whole body was read. Set before the framed body
+	// ends, so before envd can answer it.
 	readAll atomic.Bool
 }
 

@@ -22,7 +22,7 @@ func TestConfigValidate(t *testing.T) {
 		{"unknown tls", func(c *Config) { c.TLS = "acme" }, `--tls "acme" is not one of off, self-signed, files`},
 		{"unknown accel", func(c *Config) { c.VMAccel = "hvf" }, `--vm-accel "hvf" is not one of auto, kvm, tcg`},
 		{"transfer disk", func(c *Config) { c.TransferDiskMB = 4096 }, ""},
-		{"transfer disk too small", func(c *Config) { c.TransferDiskMB = 1 }, "--transfer-disk-mb 1: at least 2"},
+		{"transfer disk too small", func(c *Config) { c.TransferDiskMB = 1 }, "--transfer-disk-mb 1: at least 8"},
 		{"no data dir", func(c *Config) { c.DataDir = "" }, "--data-dir is empty"},
 		{"zero lifetime", func(c *Config) { c.MaxLifetime = 0 }, "--max-sandbox-lifetime must be positive"},
 		{"negative limit", func(c *Config) { c.MaxSandboxes = -1 }, "cannot be negative"},
