@@ -135,14 +135,15 @@ func (b *batch) addParts(mr *formdata.Reader, path string) error {
 		if part.FormName() != "file" {
 			continue // NextPart skips what is left of it
 		}
-		target := path
-		if target == "" {
-			if target, err = part.FileName(); err != nil {
+		name := ""
+		if path == "" {
+			if name, err = part.FileName(); err != nil {
 				return errorf(http.StatusBadRequest, "part %d: %v", n, err)
 			}
-			if target == "" {
-				return errorf(http.StatusBadRequest, "part %d has no filename and the request no path query parameter: nowhere to write it", n)
-			}
+		}
+		target, err := partTarget(path, name, n)
+		if err != nil {
+			return err
 		}
 		if err := b.add(target, part); err != nil {
 			return err
@@ -171,16 +172,26 @@ func (h *Handler) addTransfer(b *batch, body io.Reader, path string) error {
 		if err != nil {
 			return bodyError("", err)
 		}
-		target := path
-		if target == "" {
-			if target = name; target == "" {
-				return errorf(http.StatusBadRequest, "part %d has no filename and the request no path query parameter: nowhere to write it", n)
-			}
+		target, err := partTarget(path, name, n)
+		if err != nil {
+			return err
 		}
 		if err := b.add(target, r); err != nil {
 			return err
 		}
 	}
+}
+
+// partTarget is where part n of a multipart (or framed) body goes: to path
+// when the request gave one, else to the part's filename, its name.
+func partTarget(path, name string, n int) (string, error) {
+	switch {
+	case path != "":
+		return path, nil
+	case name != "":
+		return name, nil
+	}
+	return "", errorf(http.StatusBadRequest, "part %d has no filename and the request no path query parameter: nowhere to write it", n)
 }
 
 // bodyError is the answer to a request body that could not be read while
