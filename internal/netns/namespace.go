@@ -26,23 +26,39 @@ func createNamedNetns(name string) (vnetns.NsHandle, error) {
 	}
 	f.Close()
 
-	// unshare moves only the calling thread into the new namespace. The thread is never handed back to the
-	// scheduler: the goroutine exits still locked, and the runtime then ends the thread instead of reusing it.
+	// unshare moves only the calling thread into the new namespace; once the bind mount pins it, the thread goes
+	// back home and is handed back to the scheduler. It must not simply exit locked instead: a locked goroutine
+	// that ends on the main thread does not end that thread, the runtime parks it for good, and it would keep the
+	// namespace (and every device in it) alive after deleteNamedNetns. Only a thread that cannot get home exits
+	// locked (see inNetns).
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
+		home, err := vnetns.Get()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("open current netns: %w", err)
+			return
+		}
+		defer home.Close()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread() // still at home
 			errc <- fmt.Errorf("unshare netns %s: %w", name, err)
 			return
 		}
-		if err := unix.Mount("/proc/thread-self/ns/net", path, "", unix.MS_BIND, ""); err != nil {
-			errc <- fmt.Errorf("bind mount netns %s: %w", name, err)
+		err = unix.Mount("/proc/thread-self/ns/net", path, "", unix.MS_BIND, "")
+		if err != nil {
+			err = fmt.Errorf("bind mount netns %s: %w", name, err)
+		}
+		if serr := vnetns.Set(home); serr != nil {
+			errc <- errors.Join(err, fmt.Errorf("return to host netns: %w", serr))
 			return
 		}
-		errc <- nil
+		runtime.UnlockOSThread()
+		errc <- err
 	}()
 	if err := <-errc; err != nil {
-		os.Remove(path)
+		deleteNamedNetns(name) // unmounts a bind mount made before the failure, removes the mount point
 		return vnetns.None(), err
 	}
 	h, err := vnetns.GetFromPath(path)
@@ -99,6 +115,7 @@ func inNetns(ns vnetns.NsHandle, fn func() error) error {
 		}
 		defer home.Close()
 		if err := vnetns.Set(ns); err != nil {
+			runtime.UnlockOSThread() // still at home
 			errc <- fmt.Errorf("enter netns: %w", err)
 			return
 		}
