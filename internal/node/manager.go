@@ -94,6 +94,8 @@ type Manager struct {
 	lastClaim time.Time     // refills wait until claims have been quiet for refillQuiet
 	refill    chan struct{} // wakes the refill loop
 	closing   chan struct{} // closed by Close
+
+	syncs *syncs // paused sandboxes' states on their way to the disk (syncs.go)
 }
 
 var _ Node = (*Manager)(nil)
@@ -195,6 +197,10 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 		artifacts: map[string]*template.Artifact{},
 		starting:  make(chan struct{}, cmp.Or(cfg.MaxStarting, goruntime.NumCPU())),
 		closing:   make(chan struct{}),
+		syncs:     newSyncs(),
+	}
+	if err := m.resumeSyncs(); err != nil {
+		log.Warn("sync the paused sandboxes an earlier node process saved", "err", err)
 	}
 	log.Info("node ready", "id", id, "max_sandboxes", max, "slot_range", slotRange)
 	return m, nil
@@ -335,6 +341,9 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		if paused, vmDir, err = m.readPaused(spec.Resume, spec.ID); err != nil {
 			return err
 		}
+		if err := m.checkSynced(paused, filepath.Dir(vmDir)); err != nil {
+			return err
+		}
 		a = paused.Artifact
 		if sb.info.TemplateID == "" {
 			sb.info.TemplateID = paused.TemplateID
@@ -393,7 +402,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 			if serr := m.resave(undo, vm, vmDir, paused.Memory); serr != nil {
 				m.log.Error("save a sandbox whose resume failed again; its paused state is lost", "sandbox", spec.ID, "key", spec.Resume, "err", serr)
 				err = errors.Join(err, fmt.Errorf("save it again (its paused state is lost): %w", serr))
+			} else {
+				m.syncLater(spec.Resume, filepath.Dir(vmDir))
 			}
+		} else if paused != nil {
+			m.syncLater(spec.Resume, filepath.Dir(vmDir)) // the runtime left the state in place
 		}
 		if vm != nil {
 			if kerr := m.rt.Kill(undo, vm); kerr != nil {
@@ -410,6 +423,11 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 	rtSpec := a.Spec(spec.ID, slot)
 	if paused != nil {
 		rtSpec = runtime.Spec{ID: spec.ID, Slot: slot, Snapshot: vmDir, Resume: true}
+		// The runtime takes the saved files, and a failed resume saves them
+		// anew: the mark no longer vouches for them.
+		if err := m.unmark(spec.Resume); err != nil {
+			return err
+		}
 	}
 	if warm != nil {
 		vm = warm.vm
@@ -880,6 +898,7 @@ func (m *Manager) Close() error {
 	}
 	wg.Wait()
 	m.watchers.Wait()
+	m.waitSyncs()
 	m.closeWarm()
 	errs = append(errs, m.slots.Close())
 	if err := errors.Join(errs...); err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/warren-sh/warren/internal/blob"
+	"github.com/warren-sh/warren/internal/durable"
 	"github.com/warren-sh/warren/internal/template"
 )
 
@@ -27,7 +28,9 @@ import (
 //
 // Entries appear complete or not at all: each is written in a temporary
 // directory beside it (".<name>.tmp-*") and renamed; NewManager removes
-// those that an earlier node process left unfinished.
+// those that an earlier node process left unfinished. Snapshots are synced
+// to the disk before the rename, paused sandboxes after it, then marked
+// (paused/<sandboxID>/synced, see syncs.go).
 const (
 	pausedPrefix     = "paused/"
 	pausedRecordFile = "sandbox.json"
@@ -49,6 +52,10 @@ type pausedRecord struct {
 	// Snapshots of the sandbox its boot files.
 	Artifact   *template.Artifact `json:"artifact"`
 	InitSecret string             `json:"initSecret"`
+	// BootID is the host's boot the pause ran in (syncs.go): a state from
+	// another boot must be marked synced to be resumed. Empty in records of
+	// older warren versions, which are trusted.
+	BootID string `json:"bootId,omitempty"`
 }
 
 // PausedKey is the blob key Pause saves the sandbox id under.
@@ -141,7 +148,7 @@ func (m *Manager) pause(ctx context.Context, sb *sandbox, key string, memory boo
 	}()
 	rec := pausedRecord{
 		ID: sb.info.ID, TemplateID: sb.info.TemplateID, Memory: memory, PausedAt: time.Now().UTC(),
-		Artifact: sb.artifact, InitSecret: sb.artifact.InitSecret,
+		Artifact: sb.artifact, InitSecret: sb.artifact.InitSecret, BootID: m.syncs.bootID,
 	}
 	if err := writeJSON(filepath.Join(tmp, pausedRecordFile), rec, 0o600); err != nil {
 		return nil, err
@@ -166,6 +173,7 @@ func (m *Manager) pause(ctx context.Context, sb *sandbox, key string, memory boo
 		return nil, fmt.Errorf("the sandbox is saved in %s, but not in place: %w", tmp, err)
 	}
 	done = true
+	m.syncLater(key, dir)
 	return &PausedSandbox{Key: key, Memory: memory}, nil
 }
 
@@ -219,6 +227,7 @@ func (m *Manager) Paused(ctx context.Context, id string) (*PausedSandbox, error)
 // DeletePaused removes the paused sandbox saved under key; no error if it is
 // gone.
 func (m *Manager) DeletePaused(ctx context.Context, key string) error {
+	m.stopSync(key)
 	if err := m.blobs.Delete(ctx, key); err != nil {
 		return fmt.Errorf("node: delete paused %s: %w", key, err)
 	}
@@ -271,8 +280,16 @@ func (m *Manager) Snapshot(ctx context.Context, id, key string) (string, error) 
 	if err := writeJSON(filepath.Join(tmp, artifactFile), a, 0o644); err != nil {
 		return "", fmt.Errorf("node: snapshot %s: %w", id, err)
 	}
+	// Unlike a pause, a snapshot is synced before it is published: sandboxes
+	// start from it for as long as it exists, across host restarts.
+	if err := durable.SyncTree(ctx, tmp); err != nil {
+		return "", fmt.Errorf("node: snapshot %s: %w", id, err)
+	}
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", fmt.Errorf("node: snapshot %s: %w", id, err)
+	}
+	if err := durable.SyncDir(filepath.Dir(dir)); err != nil {
+		m.log.Warn("sync the directory of a new snapshot", "key", key, "err", err)
 	}
 	ok = true
 	m.log.Info("sandbox snapshotted", "sandbox", id, "key", key, "took", took.Round(time.Millisecond))

@@ -249,3 +249,67 @@ func TestSnapshotFork(t *testing.T) {
 		t.Logf("snapshots prefix: %v", err)
 	}
 }
+
+// TestPausedStateSynced: a pause answers before its state is on the disk,
+// then syncs it and marks it (the "synced" file); a state saved in another
+// boot of the host resumes only when marked, and a refused resume leaves it
+// in place. The other boot is played by rewriting the record's boot ID.
+func TestPausedStateSynced(t *testing.T) {
+	root, blobs := newRoot(), newBlobs(t)
+	m := newManager(t, node.Config{Runtime: newRuntime(t, root), Blobs: blobs, MaxSandboxes: 1})
+	const id = "synced"
+	info := create(t, m, spec(id))
+	run(t, info, "echo kept > ~/file")
+	p := pauseSandbox(t, m, id, true)
+	dir := blobs.Path(p.Key)
+	marker := filepath.Join(dir, "synced")
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		if _, err := os.Stat(marker); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s not marked synced 30 s after the pause", dir)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// Another boot, and the mark gone: the resume refuses, the state stays.
+	record := filepath.Join(dir, "sandbox.json")
+	b, err := os.ReadFile(record)
+	if err != nil {
+		t.Fatal(err)
+	}
+	boot, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bootField := `"bootId": "` + strings.TrimSpace(string(boot)) + `"`
+	if !strings.Contains(string(b), bootField) {
+		t.Fatalf("the paused record has no %s:\n%s", bootField, b)
+	}
+	other := strings.Replace(string(b), bootField, `"bootId": "00000000-0000-0000-0000-000000000000"`, 1)
+	if err := os.WriteFile(record, []byte(other), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(marker); err != nil {
+		t.Fatal(err)
+	}
+	s := spec(id)
+	s.Resume = p.Key
+	if _, err := m.Create(t.Context(), s); !errors.Is(err, node.ErrUnsynced) {
+		t.Fatalf("resume of another boot's unsynced state: %v, want ErrUnsynced", err)
+	}
+	if found, err := m.Paused(t.Context(), id); err != nil || found.Bytes != p.Bytes {
+		t.Fatalf("after the refused resume: Paused = %+v, %v; want the state as saved (%d bytes)", found, err, p.Bytes)
+	}
+
+	// Marked, the same state resumes whole.
+	if err := os.WriteFile(marker, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	info = resumeSandbox(t, m, id, p.Key)
+	if got := run(t, info, "cat ~/file"); got != "kept\n" {
+		t.Errorf("after the resume ~/file reads %q", got)
+	}
+}

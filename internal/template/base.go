@@ -29,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/warren-sh/warren/internal/durable"
 	"github.com/warren-sh/warren/internal/envd"
 	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/guest"
@@ -370,11 +371,7 @@ func buildBase(ctx context.Context, p *progress, dir string, in BaseInputs, kern
 	}
 
 	a.BuiltAt = time.Now().UTC()
-	b, err := json.MarshalIndent(a, "", "  ")
-	if err != nil {
-		return nil, err
-	}
-	if err := writeFileAtomic(filepath.Join(dir, artifactFile), append(b, '\n'), 0o644); err != nil {
+	if err := writeArtifact(a); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -564,5 +561,5 @@ func writeFileAtomic(p string, data []byte, mode os.FileMode) error {
 		os.Remove(f.Name())
 		return fmt.Errorf("write %s: %w", p, err)
 	}
-	return nil
+	return durable.SyncDir(filepath.Dir(p))
 }

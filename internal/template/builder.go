@@ -30,6 +30,7 @@ import (
 
 	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
+	"github.com/warren-sh/warren/internal/durable"
 	"github.com/warren-sh/warren/internal/envd"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime"
@@ -539,7 +540,13 @@ func (bd *build) linkFinal(src *Artifact) (*Artifact, error) {
 	return &a, writeArtifact(&a)
 }
 
+// writeArtifact commits the build a: its snapshot's files are synced first,
+// since artifact.json vouches for them (a torn snapshot would break every
+// sandbox of the template after a host crash).
 func writeArtifact(a *Artifact) error {
+	if err := durable.SyncTree(context.Background(), a.Snapshot); err != nil {
+		return err
+	}
 	b, err := json.MarshalIndent(a, "", "  ")
 	if err != nil {
 		return err
