@@ -26,38 +26,18 @@ func createNamedNetns(name string) (vnetns.NsHandle, error) {
 	}
 	f.Close()
 
-	// unshare moves only the calling thread into the new namespace; once the bind mount pins it, the thread goes
-	// back home and is handed back to the scheduler. It must not simply exit locked instead: a locked goroutine
-	// that ends on the main thread does not end that thread, the runtime parks it for good, and it would keep the
-	// namespace (and every device in it) alive after deleteNamedNetns. Only a thread that cannot get home exits
-	// locked (see inNetns).
-	errc := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		home, err := vnetns.Get()
-		if err != nil {
-			runtime.UnlockOSThread()
-			errc <- fmt.Errorf("open current netns: %w", err)
-			return
-		}
-		defer home.Close()
+	// unshare moves only the calling thread into the new namespace; onThread brings it back once the bind mount
+	// pins the namespace.
+	err = onThread(func() error {
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			runtime.UnlockOSThread() // still at home
-			errc <- fmt.Errorf("unshare netns %s: %w", name, err)
-			return
+			return fmt.Errorf("unshare netns %s: %w", name, err)
 		}
-		err = unix.Mount("/proc/thread-self/ns/net", path, "", unix.MS_BIND, "")
-		if err != nil {
-			err = fmt.Errorf("bind mount netns %s: %w", name, err)
+		if err := unix.Mount("/proc/thread-self/ns/net", path, "", unix.MS_BIND, ""); err != nil {
+			return fmt.Errorf("bind mount netns %s: %w", name, err)
 		}
-		if serr := vnetns.Set(home); serr != nil {
-			errc <- errors.Join(err, fmt.Errorf("return to host netns: %w", serr))
-			return
-		}
-		runtime.UnlockOSThread()
-		errc <- err
-	}()
-	if err := <-errc; err != nil {
+		return nil
+	})
+	if err != nil {
 		deleteNamedNetns(name) // unmounts a bind mount made before the failure, removes the mount point
 		return vnetns.None(), err
 	}
@@ -101,9 +81,22 @@ func deleteNamedNetns(name string) error {
 	return nil
 }
 
-// inNetns runs fn on a locked OS thread that has joined ns, then moves the thread back. If it cannot move back,
-// the goroutine exits still locked so the runtime discards the thread rather than leak the namespace to other code.
+// inNetns runs fn on a locked OS thread that has joined ns, then moves the thread back (onThread).
 func inNetns(ns vnetns.NsHandle, fn func() error) error {
+	return onThread(func() error {
+		if err := vnetns.Set(ns); err != nil {
+			return fmt.Errorf("enter netns: %w", err)
+		}
+		return fn()
+	})
+}
+
+// onThread runs fn on a locked OS thread, then puts the thread back into the network namespace it started in (fn
+// may have moved it) and hands it back to the scheduler. A thread that cannot go back ends locked with its
+// goroutine, so the runtime does not run other code in the wrong namespace. Threads are not simply discarded after
+// each use: a locked goroutine that ends on the main thread does not end that thread, the runtime parks it for
+// good, and a namespace it sat in would stay alive (with its devices) after deleteNamedNetns.
+func onThread(fn func() error) error {
 	errc := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -114,11 +107,6 @@ func inNetns(ns vnetns.NsHandle, fn func() error) error {
 			return
 		}
 		defer home.Close()
-		if err := vnetns.Set(ns); err != nil {
-			runtime.UnlockOSThread() // still at home
-			errc <- fmt.Errorf("enter netns: %w", err)
-			return
-		}
 		fnErr := fn()
 		if err := vnetns.Set(home); err != nil {
 			errc <- errors.Join(fnErr, fmt.Errorf("return to host netns: %w", err))

@@ -24,10 +24,11 @@ func newBlobs(t testing.TB) *blob.Local {
 // prints its pid.
 const counterScript = `setsid bash -c 'i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.1; done' </dev/null >/dev/null 2>&1 & echo $!`
 
-// counter reads the loop's count; the loop must still run as pid.
+// counter reads the loop's count (0 before its first write); the loop must
+// still run as pid.
 func counter(t testing.TB, info *node.SandboxInfo, pid string) int {
 	t.Helper()
-	out := strings.TrimSpace(run(t, info, "kill -0 "+pid+" && cat /tmp/count"))
+	out := strings.TrimSpace(run(t, info, "kill -0 "+pid+" && { cat /tmp/count 2>/dev/null || echo 0; }"))
 	n, err := strconv.Atoi(out)
 	if err != nil {
 		t.Fatalf("%s: /tmp/count is %q", info.ID, out)
