@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/warren-sh/warren/internal/node"
 )
 
 // detail is the part of SandboxDetail the pause tests read.
@@ -113,6 +115,15 @@ func TestPauseThenConnectResumes(t *testing.T) {
 	e.do("POST", "/sandboxes/"+id+"/connect", keyA, `{"timeout":60}`).wantStatus(t, http.StatusCreated)
 	if n := e.node.resumeCount(id); n != 2 {
 		t.Errorf("node resumes = %d, want 2", n)
+	}
+
+	// A saved state the node cannot vouch for (the host restarted before it
+	// was synced): 500 saying so, and the sandbox stays paused.
+	e.pause(id, `{"memory":true}`)
+	e.node.set(func(n *fakeNode) { n.createErr = fmt.Errorf("node: create %s: %w", id, node.ErrUnsynced) })
+	e.do("POST", "/v2/sandboxes/"+id+"/connect", keyA, `{}`).wantError(t, 500, "cannot be resumed: the paused state did not reach the disk")
+	if d := e.detail(keyA, id); d.State != "paused" {
+		t.Errorf("after a refused resume: state %q, want paused", d.State)
 	}
 }
 

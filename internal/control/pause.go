@@ -367,6 +367,9 @@ func (c *Controller) startPaused(ctx context.Context, team *store.Team, sb *stor
 	switch {
 	case errors.Is(err, node.ErrFull):
 		return nil, &Error{Kind: Unavailable, Message: "no capacity left to resume the sandbox on this node; try again later"}
+	case errors.Is(err, node.ErrUnsynced):
+		// Resuming it would fail the same way every time: say what to do.
+		return nil, errorf(Internal, "Sandbox %q cannot be resumed: %v; kill it to remove it", sb.ID, node.ErrUnsynced)
 	case err != nil:
 		return nil, fmt.Errorf("resume sandbox %s from %s: %w", sb.ID, sb.Paused.Key, err)
 	}
