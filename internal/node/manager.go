@@ -65,7 +65,18 @@ type Config struct {
 	DNS []string
 	// Log receives what the node does; nil discards it.
 	Log *slog.Logger
+	// OnStart, when set, is told of every sandbox start (Create past its
+	// admission): how it started (StartWarm, StartRestore, StartResume), how
+	// long it took and its error. For metrics; it must not block.
+	OnStart func(kind string, took time.Duration, err error)
 }
+
+// How a sandbox started (Config.OnStart).
+const (
+	StartWarm    = "warm"    // claimed from its template's warm pool
+	StartRestore = "restore" // restored from its template's snapshot
+	StartResume  = "resume"  // a paused sandbox, resumed
+)
 
 // Manager runs the sandboxes of this host: one microVM each, restored from
 // its template's snapshot inside a network slot. It implements Node and is
@@ -79,6 +90,7 @@ type Manager struct {
 	max     int
 	log     *slog.Logger
 	dns     []string
+	onStart func(kind string, took time.Duration, err error)
 
 	starting chan struct{} // a token per start in progress (Config.MaxStarting)
 
@@ -112,6 +124,9 @@ type sandbox struct {
 	artifact *template.Artifact // what the sandbox started from (with its init secret)
 	agent    *agent             // the connections into its envd
 	boot     []LogLine          // the node's own account of the start
+	// startKind is how it started (StartWarm...), set by start before
+	// anything can fail.
+	startKind string
 	ready    chan struct{}
 
 	cancel context.CancelFunc // stops an unfinished Create
@@ -193,6 +208,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
+		onStart: cfg.OnStart,
 		sandboxes: map[string]*sandbox{},
 		artifacts: map[string]*template.Artifact{},
 		starting:  make(chan struct{}, cmp.Or(cfg.MaxStarting, goruntime.NumCPU())),
@@ -304,7 +320,11 @@ func (m *Manager) Create(ctx context.Context, spec SandboxSpec) (*SandboxInfo, e
 	m.sandboxes[spec.ID] = sb
 	m.mu.Unlock()
 
+	began := time.Now()
 	err := m.start(ctx, sb, spec)
+	if m.onStart != nil {
+		m.onStart(sb.startKind, time.Since(began), err)
+	}
 	m.mu.Lock()
 	close(sb.ready)
 	killed := sb.killing
@@ -337,7 +357,9 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		paused *pausedRecord
 		vmDir  string // a resume's runtime snapshot
 	)
+	sb.startKind = StartRestore
 	if spec.Resume != "" {
+		sb.startKind = StartResume
 		if paused, vmDir, err = m.readPaused(spec.Resume, spec.ID); err != nil {
 			return err
 		}
@@ -372,6 +394,7 @@ func (m *Manager) start(ctx context.Context, sb *sandbox, spec SandboxSpec) (err
 		ag   *agent
 	)
 	if warm != nil {
+		sb.startKind = StartWarm
 		slot, ag = warm.slot, warm.agent
 	} else {
 		done, err := m.startTurn(ctx, spec.ID)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -257,7 +258,8 @@ func TestSnapshotFork(t *testing.T) {
 // in place. The other boot is played by rewriting the record's boot ID.
 func TestPausedStateSynced(t *testing.T) {
 	root, blobs := newRoot(), newBlobs(t)
-	m := newManager(t, node.Config{Runtime: newRuntime(t, root), Blobs: blobs, MaxSandboxes: 1})
+	var starts startLog
+	m := newManager(t, node.Config{Runtime: newRuntime(t, root), Blobs: blobs, MaxSandboxes: 1, OnStart: starts.add})
 	const id = "synced"
 	info := create(t, m, spec(id))
 	run(t, info, "echo kept > ~/file")
@@ -312,5 +314,34 @@ func TestPausedStateSynced(t *testing.T) {
 	info = resumeSandbox(t, m, id, p.Key)
 	if got := run(t, info, "cat ~/file"); got != "kept\n" {
 		t.Errorf("after the resume ~/file reads %q", got)
+	}
+	starts.want(t, "restore ok", "resume failed", "resume ok")
+}
+
+// startLog records what Config.OnStart is told.
+type startLog struct {
+	mu   sync.Mutex
+	seen []string
+}
+
+func (l *startLog) add(kind string, took time.Duration, err error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	result := "ok"
+	if err != nil {
+		result = "failed"
+	}
+	if took <= 0 {
+		result += " (no duration)"
+	}
+	l.seen = append(l.seen, kind+" "+result)
+}
+
+func (l *startLog) want(t *testing.T, want ...string) {
+	t.Helper()
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !slices.Equal(l.seen, want) {
+		t.Errorf("OnStart saw %q, want %q", l.seen, want)
 	}
 }

@@ -46,7 +46,8 @@ func cpuTicks(t testing.TB, pid int) int {
 }
 
 func TestWarmPool(t *testing.T) {
-	m := newManager(t, node.Config{MaxSandboxes: 4})
+	var starts startLog
+	m := newManager(t, node.Config{MaxSandboxes: 4, OnStart: starts.add})
 	internet := newFakeInternet(t)
 	if err := m.SetWarmPool(base.Dir, 1); err != nil {
 		t.Fatal(err)
@@ -150,6 +151,7 @@ func TestWarmPool(t *testing.T) {
 			t.Error(err)
 		}
 	}
+	starts.want(t, "warm ok", "warm ok")
 
 	// Shrinking the pool kills the warm VMs past its new size.
 	waitWarm(t, m, 1)

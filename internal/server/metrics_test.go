@@ -1,6 +1,7 @@
 package server
 
 import (
+	"errors"
 	"io"
 	"log/slog"
 	"net/http/httptest"
@@ -52,12 +53,17 @@ func TestMetrics(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	starts := newStartMetrics()
+	starts.observe(node.StartWarm, 40*time.Millisecond, nil)
+	starts.observe(node.StartWarm, 60*time.Millisecond, nil)
+	starts.observe(node.StartRestore, 1200*time.Millisecond, nil)
+	starts.observe(node.StartResume, 3*time.Second, errors.New("no slot"))
 	srv := httptest.NewServer(metricsHandler(newCollector(st, dir, func() []node.PoolStatus {
 		return []node.PoolStatus{
 			{Artifact: filepath.Join(dir, "templates/base/b1"), Ready: 1, Size: 2},
 			{Artifact: filepath.Join(dir, "templates/tpl9/b7"), Ready: 0, Size: 1},
 		}
-	}, gc.Stats, slog.Default())))
+	}, gc.Stats, slog.Default()), starts))
 	defer srv.Close()
 	resp, err := srv.Client().Get(srv.URL)
 	if err != nil {
@@ -79,6 +85,14 @@ func TestMetrics(t *testing.T) {
 		`warren_template_gc_freed_bytes_total 8192`,
 		`warren_template_gc_removed_total{kind="layer"} 1`,
 		`warren_template_gc_removed_total{kind="source"} 0`,
+		`warren_sandbox_start_seconds_bucket{kind="warm",le="0.05"} 1`,
+		`warren_sandbox_start_seconds_bucket{kind="warm",le="0.1"} 2`,
+		`warren_sandbox_start_seconds_count{kind="warm"} 2`,
+		`warren_sandbox_start_seconds_bucket{kind="restore",le="1"} 0`,
+		`warren_sandbox_start_seconds_bucket{kind="restore",le="2.5"} 1`,
+		`warren_sandbox_start_seconds_count{kind="resume"} 0`,
+		`warren_sandbox_start_failures_total{kind="resume"} 1`,
+		`warren_sandbox_start_failures_total{kind="warm"} 0`,
 		`go_goroutines`,
 	} {
 		if !strings.Contains(body, want) {

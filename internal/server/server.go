@@ -81,9 +81,11 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	if err != nil {
 		return err
 	}
+	starts := newStartMetrics()
 	mgr, err := node.NewManager(ctx, node.Config{
 		ID: nodeID(), DataDir: cfg.DataDir, Runtime: rt, SlotRange: cfg.SlotRange,
 		MaxSandboxes: cfg.NodeMaxSandboxes, MaxStarting: cfg.NodeMaxStarting, DNS: cfg.SandboxDNS, Log: log.With("role", "node"),
+		OnStart: starts.observe,
 	})
 	if err != nil {
 		return fmt.Errorf("node: %w", err)
@@ -183,7 +185,7 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 			return fmt.Errorf("metrics: listen on %s: %w", cfg.MetricsListen, err)
 		}
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, mgr.WarmPools, gc.Stats, log.With("role", "metrics"))))
+		mux.Handle("GET /metrics", metricsHandler(newCollector(st, cfg.DataDir, mgr.WarmPools, gc.Stats, log.With("role", "metrics")), starts))
 		msrv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 		go msrv.Serve(mln)
 		defer msrv.Close()
