@@ -47,8 +47,9 @@ want=(make git protobuf-compiler ca-certificates qemu-system-x86 qemu-utils debo
 #   busybox-static   tiny root images in the VM boot tests
 #   gcc, libc6-dev   static test programs built for x86-64-v2 and v3 (the guest CPU tests)
 #   postgresql       the Postgres store's tests start a private server with its binaries
+#   python3, python3-matplotlib  the code interpreter server's tests run it on the host (figures too)
 if [[ $with_tests == true ]]; then
-	want+=(passwd coreutils bash procps busybox-static gcc libc6-dev postgresql)
+	want+=(passwd coreutils bash procps busybox-static gcc libc6-dev postgresql python3 python3-matplotlib)
 fi
 
 # Node.js: the SDK tests need >= $NODE_MIN. Debian 12's nodejs (18) is too old,

@@ -46,6 +46,17 @@ func (e *envFlags) Duration(name, env string, def time.Duration, usage string) *
 	return e.fs.Duration(name, def, fmt.Sprintf("%s (%s)", usage, env))
 }
 
+func (e *envFlags) Bool(name, env string, def bool, usage string) *bool {
+	if v, ok := os.LookupEnv(env); ok {
+		b, err := strconv.ParseBool(v)
+		if err != nil {
+			e.errs = append(e.errs, fmt.Errorf("%s=%q is not one of true, false", env, v))
+		}
+		def = b
+	}
+	return e.fs.Bool(name, def, fmt.Sprintf("%s (%s)", usage, env))
+}
+
 // err is the first bad environment value, if any.
 func (e *envFlags) err() error {
 	if len(e.errs) > 0 {

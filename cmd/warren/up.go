@@ -64,6 +64,7 @@ Flags (each also read from the environment variable shown):
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
 	warmPool := e.Int("warm-pool", "WARREN_WARM_POOL", 2, "base sandboxes kept restored and frozen, ready for creates (0: none); each holds a network slot and ~45 MiB")
 	warmPools := e.String("warm-pool-templates", "WARREN_WARM_POOL_TEMPLATES", "", "warm pools of other templates of the default team: template=size pairs, comma-separated (e.g. code-interpreter=2); each follows its template's rebuilds")
+	codeInterpreter := e.Bool("code-interpreter", "WARREN_CODE_INTERPRETER", true, "build the code-interpreter-v1 template (base + a code interpreter server on port 49999, for @e2b/code-interpreter) in the background after start, and again when base or warren's server for it changes")
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
 	cacheMax := templateCacheMax(e)
@@ -94,7 +95,7 @@ Flags (each also read from the environment variable shown):
 		MaxSandboxes: *maxSandboxes, MaxLifetime: *maxLifetime, NodeMaxSandboxes: *nodeMax, NodeMaxStarting: *nodeStarting,
 		BootstrapAPIKey: os.Getenv("WARREN_BOOTSTRAP_API_KEY"), DebianMirror: *mirror,
 		SandboxDNS: splitList(*dns), BuildConcurrency: *buildConcurrency, WarmPool: *warmPool, WarmPools: pools, MetricsListen: *metricsListen, MaxUploadBytes: int64(*maxUploadMB) << 20,
-		TemplateCacheMax: templateCache, ShutdownTimeout: *shutdownTimeout,
+		TemplateCacheMax: templateCache, ShutdownTimeout: *shutdownTimeout, CodeInterpreter: *codeInterpreter,
 	}
 	if cfg.ShutdownTimeout <= 0 {
 		return fmt.Errorf("--shutdown-timeout must be positive, got %s", cfg.ShutdownTimeout)

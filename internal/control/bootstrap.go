@@ -72,7 +72,8 @@ func Bootstrap(ctx context.Context, st store.Store, limits TeamLimits, fixedKey 
 // BaseTemplateID is the ID of the base template; clients name it "base".
 const BaseTemplateID = "w4rrenbasetemplate01"
 
-// BaseBuild describes a build of the base template made on this host.
+// BaseBuild describes a build of a built-in template (base,
+// code-interpreter-v1) made on this host.
 type BaseBuild struct {
 	// Key identifies the build's inputs (template.Artifact.BuildID); the same
 	// key maps to the same build ID across restarts.
@@ -84,31 +85,42 @@ type BaseBuild struct {
 	EnvdVersion string
 }
 
+// CodeInterpreterTemplateID is the ID of warren's code-interpreter-v1
+// template (internal/interpreter).
+const CodeInterpreterTemplateID = "w4rrencodeinterpret1"
+
 // EnsureBaseTemplate registers the base template (public, global alias
 // "base", owned by the default team) and b as its latest successful build,
 // which its tag "default" names: the build that stays when a collection of
 // template storage retires the older ones (TemplateGC).
 func EnsureBaseTemplate(ctx context.Context, st store.Store, b BaseBuild) error {
+	return EnsureBuiltinTemplate(ctx, st, BaseTemplateID, "base", b)
+}
+
+// EnsureBuiltinTemplate registers a template warren builds itself (base,
+// code-interpreter-v1) as EnsureBaseTemplate does base: public, owned by the
+// default team, under the global alias, with b its latest successful build.
+func EnsureBuiltinTemplate(ctx context.Context, st store.Store, templateID, alias string, b BaseBuild) error {
 	now := time.Now().UTC()
-	if _, err := st.GetTemplate(ctx, BaseTemplateID); errors.Is(err, store.ErrNotFound) {
+	if _, err := st.GetTemplate(ctx, templateID); errors.Is(err, store.ErrNotFound) {
 		err = st.CreateTemplate(ctx, &store.Template{
-			ID: BaseTemplateID, TeamID: DefaultTeamID, Public: true, CreatedAt: now, UpdatedAt: now,
+			ID: templateID, TeamID: DefaultTeamID, Public: true, CreatedAt: now, UpdatedAt: now,
 		})
 		if err != nil {
-			return fmt.Errorf("create base template: %w", err)
+			return fmt.Errorf("create template %s: %w", alias, err)
 		}
 	} else if err != nil {
 		return err
 	}
-	if err := st.SetAlias(ctx, &store.Alias{Namespace: "", Alias: "base", TemplateID: BaseTemplateID}); err != nil {
-		return fmt.Errorf("alias base: %w", err)
+	if err := st.SetAlias(ctx, &store.Alias{Namespace: "", Alias: alias, TemplateID: templateID}); err != nil {
+		return fmt.Errorf("alias %s: %w", alias, err)
 	}
-	id := uuidFrom(b.Key)
+	id := BuiltinBuildID(b.Key)
 	existing, err := st.GetBuild(ctx, id)
 	switch {
 	case errors.Is(err, store.ErrNotFound):
 		err = st.CreateBuild(ctx, &store.Build{
-			ID: id, TemplateID: BaseTemplateID, Status: store.BuildReady,
+			ID: id, TemplateID: templateID, Status: store.BuildReady,
 			CPUCount: b.CPUCount, MemoryMB: b.MemoryMB, DiskSizeMB: b.DiskSizeMB, EnvdVersion: b.EnvdVersion,
 			Artifact: b.Artifact, CreatedAt: now, UpdatedAt: now, FinishedAt: &now,
 		})
@@ -118,16 +130,17 @@ func EnsureBaseTemplate(ctx context.Context, st store.Store, b BaseBuild) error 
 		err = st.UpdateBuild(ctx, existing)
 	}
 	if err != nil {
-		return fmt.Errorf("record base build %s: %w", id, err)
+		return fmt.Errorf("record %s build %s: %w", alias, id, err)
 	}
-	if err := st.SetTag(ctx, &store.Tag{TemplateID: BaseTemplateID, Tag: defaultTag, BuildID: id, CreatedAt: now}); err != nil {
-		return fmt.Errorf("tag base build %s: %w", id, err)
+	if err := st.SetTag(ctx, &store.Tag{TemplateID: templateID, Tag: defaultTag, BuildID: id, CreatedAt: now}); err != nil {
+		return fmt.Errorf("tag %s build %s: %w", alias, id, err)
 	}
 	return nil
 }
 
-// uuidFrom derives a stable UUID-shaped build ID from a build key.
-func uuidFrom(key string) string {
+// BuiltinBuildID derives the stable, UUID-shaped ID of a built-in template's
+// build from its key (BaseBuild.Key).
+func BuiltinBuildID(key string) string {
 	sum := sha256.Sum256([]byte("warren-build:" + key))
 	sum[6] = sum[6]&0x0f | 0x50 // version 5 layout (name-based)
 	sum[8] = sum[8]&0x3f | 0x80

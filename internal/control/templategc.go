@@ -88,11 +88,11 @@ func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*GCResult, error
 	retire := func(ctx context.Context) (dirs []string, err error) {
 		out.Retired, err = retireBase(ctx, g.Store, g.DataDir, dryRun)
 		for _, b := range out.Retired {
-			msg := "base build retired: superseded, and nothing can start from it any more"
+			msg := "built-in template build retired: superseded, and nothing can start from it any more"
 			if dryRun {
-				msg = "base build would be retired (dry run): superseded, and nothing can start from it any more"
+				msg = "built-in template build would be retired (dry run): superseded, and nothing can start from it any more"
 			}
-			log.Info(msg, "build", b.ID, "artifact", b.Artifact, "created", b.CreatedAt)
+			log.Info(msg, "template", b.TemplateID, "build", b.ID, "artifact", b.Artifact, "created", b.CreatedAt)
 			dirs = append(dirs, dataPath(g.DataDir, b.Artifact))
 		}
 		return dirs, err
@@ -134,15 +134,31 @@ func (g *TemplateGC) Collect(ctx context.Context, dryRun bool) (*GCResult, error
 // chains. Each build's directory is marked retired first
 // (template.RetireBaseBuild): a collection removes no base build the store
 // did not retire. With dryRun it only says which builds would go.
+//
+// The code-interpreter-v1 template, which warren builds itself as well, has
+// its superseded builds retired the same way.
 func retireBase(ctx context.Context, st store.Store, dataDir string, dryRun bool) ([]*store.Build, error) {
-	current, err := st.GetTag(ctx, BaseTemplateID, defaultTag)
+	var retired []*store.Build
+	for _, id := range []string{BaseTemplateID, CodeInterpreterTemplateID} {
+		r, err := retireBuiltin(ctx, st, dataDir, id, dryRun)
+		retired = append(retired, r...)
+		if err != nil {
+			return retired, err
+		}
+	}
+	return retired, nil
+}
+
+// retireBuiltin is retireBase for the built-in template templateID.
+func retireBuiltin(ctx context.Context, st store.Store, dataDir, templateID string, dryRun bool) ([]*store.Build, error) {
+	current, err := st.GetTag(ctx, templateID, defaultTag)
 	if errors.Is(err, store.ErrNotFound) {
 		return nil, nil // recorded by an older warren: which build is current is not known
 	}
 	if err != nil {
 		return nil, err
 	}
-	builds, err := st.ListBuilds(ctx, BaseTemplateID)
+	builds, err := st.ListBuilds(ctx, templateID)
 	if err != nil {
 		return nil, err
 	}
@@ -150,7 +166,7 @@ func retireBase(ctx context.Context, st store.Store, dataDir string, dryRun bool
 		return nil, nil // then no other build may go
 	}
 	needed := map[string]bool{}
-	tags, err := st.ListTags(ctx, BaseTemplateID)
+	tags, err := st.ListTags(ctx, templateID)
 	if err != nil {
 		return nil, err
 	}

@@ -300,7 +300,7 @@ func TestTemplateGCRetiresBaseBuilds(t *testing.T) {
 	if got, want := baseBuilds(), sorted(tagged, source, current); !slices.Equal(got, want) {
 		t.Errorf("the store lists base builds %v, want %v", got, want)
 	}
-	if !strings.Contains(logs.String(), "base build retired") || !strings.Contains(logs.String(), free) {
+	if !strings.Contains(logs.String(), "built-in template build retired") || !strings.Contains(logs.String(), free) {
 		t.Errorf("the log does not name the retired builds:\n%s", logs.String())
 	}
 	for p, keep := range map[string]bool{

@@ -34,6 +34,7 @@ import (
 
 	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
+	"github.com/warren-sh/warren/internal/envd/envdtest"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/node"
 	"github.com/warren-sh/warren/internal/runtime/microvm"
@@ -232,25 +233,12 @@ func execVia(ctx context.Context, t http.RoundTripper, info *node.SandboxInfo, t
 		return result{}, err
 	}
 	defer stream.Close()
-	var (
-		out bytes.Buffer
-		end *processpb.ProcessEvent_EndEvent
-	)
 	// To the stream's end, so that a kept-alive connection stays open.
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			out.Write(d.GetStdout())
-			out.Write(d.GetStderr())
-		}
-		if e := ev.GetEnd(); e != nil {
-			end = e
-		}
+	out, err := envdtest.Collect(stream)
+	if err != nil {
+		return result{out: out.Combined}, err
 	}
-	if end == nil {
-		return result{out: out.String()}, fmt.Errorf("no end event: %v", stream.Err())
-	}
-	return result{out: out.String(), exitCode: end.GetExitCode(), exited: end.GetExited(), status: end.GetStatus()}, nil
+	return result{out: out.Combined, exitCode: out.End.GetExitCode(), exited: out.End.GetExited(), status: out.End.GetStatus()}, nil
 }
 
 // run runs script in the sandbox; it must exit 0 within a minute.

@@ -127,7 +127,7 @@ type sandbox struct {
 	// startKind is how it started (StartWarm...), set by start before
 	// anything can fail.
 	startKind string
-	ready    chan struct{}
+	ready     chan struct{}
 
 	cancel context.CancelFunc // stops an unfinished Create
 
@@ -208,7 +208,7 @@ func NewManager(ctx context.Context, cfg Config) (*Manager, error) {
 	}
 	m := &Manager{
 		id: id, dataDir: cfg.DataDir, rt: cfg.Runtime, blobs: blobs, slots: pool, max: max, log: log, dns: cfg.DNS,
-		onStart: cfg.OnStart,
+		onStart:   cfg.OnStart,
 		sandboxes: map[string]*sandbox{},
 		artifacts: map[string]*template.Artifact{},
 		starting:  make(chan struct{}, cmp.Or(cfg.MaxStarting, goruntime.NumCPU())),

@@ -24,6 +24,7 @@ import (
 	pb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
 	"github.com/warren-sh/warren/internal/certs"
+	"github.com/warren-sh/warren/internal/envd/envdtest"
 )
 
 // routeHeaders is a Connect client option setting the SDK's routing headers.
@@ -67,21 +68,11 @@ func runCommand(t *testing.T, client processconnect.ProcessClient, script string
 		t.Fatalf("Start: %v", err)
 	}
 	defer stream.Close()
-	var stdout strings.Builder
-	exit := int32(-1)
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			stdout.Write(d.GetStdout())
-		}
-		if end := ev.GetEnd(); end != nil {
-			exit = end.GetExitCode()
-		}
-	}
-	if err := stream.Err(); err != nil {
+	out, err := envdtest.Collect(stream)
+	if err != nil {
 		t.Fatalf("stream: %v", err)
 	}
-	return stdout.String(), exit
+	return out.Stdout, out.End.GetExitCode()
 }
 
 func TestConnectStreamThroughProxy(t *testing.T) {

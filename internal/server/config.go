@@ -46,6 +46,10 @@ type Config struct {
 	// MetricsListen is the address serving Prometheus metrics at /metrics;
 	// empty: none.
 	MetricsListen string
+	// CodeInterpreter builds the code-interpreter-v1 template
+	// (internal/interpreter) in the background after start, unless the
+	// current base build's is there already.
+	CodeInterpreter bool
 	// WarmPool is how many base sandboxes the node keeps restored and
 	// frozen for creates to claim (0: none).
 	WarmPool int

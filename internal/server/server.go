@@ -159,6 +159,22 @@ func Run(ctx context.Context, cfg Config, out io.Writer, log *slog.Logger) error
 	defer stop()
 	ctlDone := make(chan error, 1)
 	go func() { ctlDone <- ctl.Run(runCtx) }()
+	interpreterDone := make(chan struct{})
+	go func() {
+		defer close(interpreterDone)
+		if !cfg.CodeInterpreter {
+			return
+		}
+		// In the background: creates of other templates need not wait for
+		// it, and one of code-interpreter-v1 finds it once it is there.
+		if err := ensureCodeInterpreter(runCtx, cfg.DataDir, builder, base, st, log.With("role", "builder")); err != nil && runCtx.Err() == nil {
+			log.Error("the template code-interpreter-v1 is not available", "err", err)
+		}
+	}()
+	defer func() {
+		stop() // a build in progress ends (runCtx), before the node closes
+		<-interpreterDone
+	}()
 	buildsDone := make(chan struct{})
 	go func() {
 		defer close(buildsDone)

@@ -31,6 +31,7 @@ import (
 
 	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
+	"github.com/warren-sh/warren/internal/envd/envdtest"
 	"github.com/warren-sh/warren/internal/image"
 	"github.com/warren-sh/warren/internal/netns"
 	"github.com/warren-sh/warren/internal/runtime/microvm/microvmtest"
@@ -286,22 +287,11 @@ func (w *warren) run(t *testing.T, sb sandbox, script string) string {
 	defer cancel()
 	stream := w.start(ctx, t, sb, script)
 	defer stream.Close()
-	var out bytes.Buffer
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			out.Write(d.GetStdout())
-			out.Write(d.GetStderr())
-		}
-		if end := ev.GetEnd(); end != nil {
-			if !end.GetExited() || end.GetExitCode() != 0 {
-				t.Fatalf("%s: %q ended with %d (%s): %s", sb.ID, script, end.GetExitCode(), end.GetStatus(), out.String())
-			}
-			return out.String()
-		}
+	out, err := envdtest.Collect(stream)
+	if err != nil || !out.OK() {
+		t.Fatalf("%s: %q ended %v (%v): %s", sb.ID, script, out.End, err, out.Combined)
 	}
-	t.Fatalf("%s: %q: no end event: %v", sb.ID, script, stream.Err())
-	return ""
+	return out.Combined
 }
 
 // start starts script with bash in the sandbox through warren's proxy.

@@ -31,6 +31,7 @@ import (
 	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
 	"github.com/warren-sh/warren/internal/envd"
+	"github.com/warren-sh/warren/internal/envd/envdtest"
 	"github.com/warren-sh/warren/internal/fslock"
 	"github.com/warren-sh/warren/internal/image"
 	"github.com/warren-sh/warren/internal/netns"
@@ -398,20 +399,9 @@ func run(t *testing.T, client processconnect.ProcessClient, token, script string
 		t.Fatalf("Start %q: %v", script, err)
 	}
 	defer stream.Close()
-	var out bytes.Buffer
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			out.Write(d.GetStdout())
-			out.Write(d.GetStderr())
-		}
-		if end := ev.GetEnd(); end != nil {
-			if !end.GetExited() || end.GetExitCode() != 0 {
-				t.Fatalf("%q ended %v: %s", script, end, out.String())
-			}
-			return out.String()
-		}
+	out, err := envdtest.Collect(stream)
+	if err != nil || !out.OK() {
+		t.Fatalf("%q ended %v (%v): %s", script, out.End, err, out.Combined)
 	}
-	t.Fatalf("%q: no end event: %v; output %q", script, stream.Err(), out.String())
-	return ""
+	return out.Combined
 }

@@ -25,6 +25,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/warren-sh/warren/gen/filesystem/filesystemconnect"
+	processpb "github.com/warren-sh/warren/gen/process"
 	"github.com/warren-sh/warren/gen/process/processconnect"
 )
 
@@ -332,4 +333,46 @@ func (s *syncWriter) String() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.buf.String()
+}
+
+// Output is what a process stream carried.
+type Output struct {
+	Stdout, Stderr string
+	// Combined is stdout and stderr in the order they came.
+	Combined string
+	// End is the end event; nil when the stream ended without one.
+	End *processpb.ProcessEvent_EndEvent
+}
+
+// OK reports whether the process exited with status 0.
+func (o Output) OK() bool { return o.End != nil && o.End.GetExited() && o.End.GetExitCode() == 0 }
+
+// Collect reads a process stream (Start's or Connect's) to its end. The error
+// is the stream's, or says that it ended without an end event.
+func Collect[T any, P interface {
+	*T
+	GetEvent() *processpb.ProcessEvent
+}](stream *connect.ServerStreamForClient[T]) (Output, error) {
+	var out Output
+	var stdout, stderr, combined strings.Builder
+	for stream.Receive() {
+		ev := P(stream.Msg()).GetEvent()
+		if d := ev.GetData(); d != nil {
+			stdout.Write(d.GetStdout())
+			stderr.Write(d.GetStderr())
+			combined.Write(d.GetStdout())
+			combined.Write(d.GetStderr())
+		}
+		if end := ev.GetEnd(); end != nil {
+			out.End = end
+		}
+	}
+	out.Stdout, out.Stderr, out.Combined = stdout.String(), stderr.String(), combined.String()
+	if err := stream.Err(); err != nil {
+		return out, err
+	}
+	if out.End == nil {
+		return out, fmt.Errorf("the process stream ended without an end event")
+	}
+	return out, nil
 }

@@ -374,22 +374,11 @@ func (sb *sandbox) run(t testing.TB, user, script string) string {
 		t.Fatalf("Start %q: %v", script, err)
 	}
 	defer stream.Close()
-	var stdout, stderr bytes.Buffer
-	for stream.Receive() {
-		ev := stream.Msg().GetEvent()
-		if d := ev.GetData(); d != nil {
-			stdout.Write(d.GetStdout())
-			stderr.Write(d.GetStderr())
-		}
-		if end := ev.GetEnd(); end != nil {
-			if !end.GetExited() || end.GetExitCode() != 0 {
-				t.Fatalf("%q as %s ended %v; stderr %q", script, user, end, stderr.String())
-			}
-			return stdout.String()
-		}
+	out, err := envdtest.Collect(stream)
+	if err != nil || !out.OK() {
+		t.Fatalf("%q as %s ended %v (%v); stderr %q", script, user, out.End, err, out.Stderr)
 	}
-	t.Fatalf("%q as %s: stream ended without an end event: %v; stderr %q", script, user, stream.Err(), stderr.String())
-	return ""
+	return out.Stdout
 }
 
 // entropyBody is an /init body with fresh entropy and the host's clock.
