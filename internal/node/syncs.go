@@ -7,19 +7,26 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/warren-sh/warren/internal/durable"
 )
 
 // A pause answers before its saved state is on the disk: syncing a few
 // hundred MiB here takes ~0.3-0.6 s, more than the pause itself. The state is
-// synced right after (syncs), and then marked so (syncedFile). A resume in
+// synced soon after (syncs, syncDelay), and then marked so (syncedFile). A resume in
 // the same boot of the host reads the page cache and needs no sync; a resume
 // after the host restarted trusts only a marked state (readPaused), since a
 // crash can leave the renamed entry with files the disk never received.
 
 // syncedFile marks a paused sandbox's entry whose files are on the disk.
 const syncedFile = "synced"
+
+// syncDelay is how long after a pause its sync starts: a resume that comes
+// sooner (a client that pauses and reconnects at once) finds no sync writing
+// the files it reads. The host's own writeback starts after 30 s; Close
+// starts the syncs waiting at once.
+const syncDelay = 2 * time.Second
 
 // ErrUnsynced: a paused sandbox was saved in an earlier boot of the host and
 // its state had not reached the disk when that boot ended.
@@ -57,6 +64,11 @@ func (m *Manager) syncLater(key, dir string) {
 	go func() {
 		defer s.wg.Done()
 		defer cancel()
+		select {
+		case <-time.After(syncDelay):
+		case <-m.closing:
+		case <-ctx.Done():
+		}
 		err := durable.SyncTree(ctx, dir)
 		s.mu.Lock()
 		defer s.mu.Unlock()
