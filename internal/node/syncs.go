@@ -14,10 +14,11 @@ import (
 
 // A pause answers before its saved state is on the disk: syncing a few
 // hundred MiB here takes ~0.3-0.6 s, more than the pause itself. The state is
-// synced soon after (syncs, syncDelay), and then marked so (syncedFile). A resume in
-// the same boot of the host reads the page cache and needs no sync; a resume
-// after the host restarted trusts only a marked state (readPaused), since a
-// crash can leave the renamed entry with files the disk never received.
+// synced soon after (syncLater, syncDelay), and then marked so (syncedFile).
+// A resume in the same boot of the host reads the page cache and needs no
+// sync; a resume after the host restarted trusts only a marked state
+// (checkSynced), since a crash can leave the renamed entry with files the
+// disk never received.
 
 // syncedFile marks a paused sandbox's entry whose files are on the disk.
 const syncedFile = "synced"
@@ -48,8 +49,8 @@ func newSyncs() *syncs {
 	return &syncs{bootID: id, pending: map[string]*pendingSync{}}
 }
 
-// syncLater syncs the entry key in dir in the background, then marks it, unless
-// stop(key) came first. A sync of key in progress is replaced.
+// syncLater syncs the entry key in dir in the background, then marks it,
+// unless stopSync(key) comes first. A sync of key in progress is replaced.
 func (m *Manager) syncLater(key, dir string) {
 	s := m.syncs
 	ctx, cancel := context.WithCancel(context.Background())

@@ -540,11 +540,15 @@ func (bd *build) linkFinal(src *Artifact) (*Artifact, error) {
 	return &a, writeArtifact(&a)
 }
 
-// writeArtifact commits the build a: its snapshot's files are synced first,
-// since artifact.json vouches for them (a torn snapshot would break every
-// sandbox of the template after a host crash).
+// writeArtifact commits the build a: its snapshot's files and the disk
+// layers under them are synced first, since artifact.json vouches for them
+// (a torn snapshot or layer would break every sandbox of the template after
+// a host crash).
 func writeArtifact(a *Artifact) error {
 	if err := durable.SyncTree(context.Background(), a.Snapshot); err != nil {
+		return err
+	}
+	if err := syncChain(a.RootDisk); err != nil {
 		return err
 	}
 	b, err := json.MarshalIndent(a, "", "  ")
@@ -552,6 +556,25 @@ func writeArtifact(a *Artifact) error {
 		return err
 	}
 	return writeFileAtomic(filepath.Join(a.Dir, artifactFile), append(b, '\n'), 0o644)
+}
+
+// syncChain syncs the disk at path and every qcow2 backing file under it
+// (layers are immutable once cut, so the syncs of cached ones cost nothing).
+func syncChain(path string) error {
+	for n := 0; path != ""; n++ {
+		if n > 4096 {
+			return fmt.Errorf("sync the disk chain: %s: more than 4096 backing files", path)
+		}
+		if err := durable.SyncFile(path); err != nil {
+			return err
+		}
+		next, err := microvm.BackingFile(path)
+		if err != nil {
+			return err
+		}
+		path = next
+	}
+	return nil
 }
 
 // run boots the VM on the first uncached step's layer, runs the rest of the
