@@ -18,6 +18,7 @@ figures as PNG results.
 import argparse
 import ast
 import base64
+import codecs
 import datetime
 import importlib.abc
 import importlib.util
@@ -98,6 +99,8 @@ class Worker:
 
     def pump(self, r, name, done):
         pending = b""
+        # A character may come in two reads.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             chunk = os.read(r, 65536)
             if not chunk:
@@ -107,8 +110,9 @@ class Worker:
                 i = pending.find(self.MARK)
                 if i < 0:
                     break
-                if i:
-                    self.send({"type": name, "text": pending[:i].decode(errors="replace"), "timestamp": now()})
+                text = decoder.decode(pending[:i], final=True)
+                if text:
+                    self.send({"type": name, "text": text, "timestamp": now()})
                 pending = pending[i + len(self.MARK):]
                 done.set()
             # Keep a possible start of the mark for the next read.
@@ -118,8 +122,9 @@ class Worker:
                     keep = n
                     break
             out, pending = pending[: len(pending) - keep], pending[len(pending) - keep:]
-            if out:
-                self.send({"type": name, "text": out.decode(errors="replace"), "timestamp": now()})
+            text = decoder.decode(out)
+            if text:
+                self.send({"type": name, "text": text, "timestamp": now()})
 
     def sync_fds(self):
         """Waits until what child processes wrote so far has been sent."""

@@ -260,6 +260,15 @@ Rich()`})
 		t.Errorf("stderr %q", e.stderr)
 	}
 
+	// A child's output split inside a character still comes out whole.
+	e = s.execute(t, map[string]any{"code": `import os, time
+os.write(1, "é".encode()[:1])
+time.sleep(0.2)
+os.write(1, "é".encode()[1:] + b" ok\n")`})
+	if e.stdout != "é ok\n" {
+		t.Errorf("stdout %q, want %q", e.stdout, "é ok\n")
+	}
+
 	// Bad requests.
 	for _, c := range []struct {
 		body   map[string]any
