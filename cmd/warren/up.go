@@ -63,7 +63,7 @@ Flags (each also read from the environment variable shown):
 	dns := e.String("sandbox-dns", "WARREN_SANDBOX_DNS", strings.Join(hostDNS(), ","), "comma-separated nameservers for sandboxes' /etc/resolv.conf (default: the host's non-loopback ones)")
 	mirror := e.String("debian-mirror", "WARREN_DEBIAN_MIRROR", "", "Debian mirror for building the base template (default http://deb.debian.org/debian)")
 	warmPool := e.Int("warm-pool", "WARREN_WARM_POOL", 2, "base sandboxes kept restored and frozen, ready for creates (0: none); each holds a network slot and ~45 MiB")
-	warmPools := e.String("warm-pool-templates", "WARREN_WARM_POOL_TEMPLATES", "", "warm pools of other templates of the default team: template=size pairs, comma-separated (e.g. code-interpreter=2); each follows its template's rebuilds")
+	warmPools := e.String("warm-pool-templates", "WARREN_WARM_POOL_TEMPLATES", "", "warm pools of other templates of the default team: template=size pairs, comma-separated (e.g. code-interpreter-v1=2); each follows its template's rebuilds")
 	codeInterpreter := e.Bool("code-interpreter", "WARREN_CODE_INTERPRETER", true, "build the code-interpreter-v1 template (base + a code interpreter server on port 49999, for @e2b/code-interpreter) in the background after start, and again when base or warren's server for it changes")
 	buildConcurrency := e.Int("build-concurrency", "WARREN_BUILD_CONCURRENCY", 1, "template builds run at once; the others wait (each build runs a VM of the template's size)")
 	maxUploadMB := e.Int("max-upload-mb", "WARREN_MAX_UPLOAD_MB", 1024, "largest upload of a template build's COPY files, in MiB")
