@@ -29,7 +29,7 @@ func ParseWarmPools(s string) (map[string]int, error) {
 		size, err := strconv.Atoi(strings.TrimSpace(n))
 		name = strings.TrimSpace(name)
 		if !ok || err != nil || size < 0 || name == "" {
-			return nil, fmt.Errorf("--warm-pool-templates %q: want template=size pairs separated by commas, such as code-interpreter=2,my-template=1", f)
+			return nil, fmt.Errorf("--warm-pool-templates %q: want template=size pairs separated by commas, such as code-interpreter-v1=2,my-template=1", f)
 		}
 		if name == "base" {
 			return nil, fmt.Errorf("--warm-pool-templates %q: base has its own flag, --warm-pool", f)
