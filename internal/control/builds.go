@@ -819,13 +819,7 @@ func (t *Templates) loadArtifact(b *store.Build) (*template.Artifact, error) {
 func (t *Templates) finishReady(ctx context.Context, b *store.Build, spec buildSpec, a *template.Artifact) error {
 	now := time.Now().UTC()
 	b.Status, b.UpdatedAt, b.FinishedAt = store.BuildReady, now, &now
-	// Relative to the data dir, as the node resolves it (and the base's is).
-	b.Artifact = a.Dir
-	if dir, err := filepath.Abs(a.Dir); err == nil {
-		if rel, err := filepath.Rel(t.cfg.DataDir, dir); err == nil && filepath.IsLocal(rel) {
-			b.Artifact = rel
-		}
-	}
+	b.Artifact = StoredArtifact(t.cfg.DataDir, a.Dir)
 	if a.CPUs > 0 {
 		b.CPUCount = a.CPUs
 	}

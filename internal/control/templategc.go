@@ -241,6 +241,17 @@ func (g *TemplateGC) live(ctx context.Context, retired []*store.Build) ([]string
 }
 
 // dataPath resolves a path stored relative to the data directory.
+// StoredArtifact is how the store keeps the artifact directory dir: relative
+// to the data dir when inside it (as the node resolves it), else as it is.
+func StoredArtifact(dataDir, dir string) string {
+	if abs, err := filepath.Abs(dir); err == nil {
+		if rel, err := filepath.Rel(dataDir, abs); err == nil && filepath.IsLocal(rel) {
+			return rel
+		}
+	}
+	return dir
+}
+
 func dataPath(dataDir, p string) string {
 	if filepath.IsAbs(p) {
 		return p

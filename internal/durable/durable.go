@@ -50,18 +50,10 @@ func SyncTree(ctx context.Context, root string) error {
 	return nil
 }
 
-// SyncFile syncs the file at p (its data and size).
-func SyncFile(p string) error {
+// Sync syncs the file or directory at p: a file's data and size, a
+// directory's entries (names created, renamed or removed in it).
+func Sync(p string) error {
 	if err := syncPath(p); err != nil {
-		return fmt.Errorf("durable: %w", err)
-	}
-	return nil
-}
-
-// SyncDir syncs the directory dir: the names created, renamed or removed in
-// it.
-func SyncDir(dir string) error {
-	if err := syncPath(dir); err != nil {
 		return fmt.Errorf("durable: %w", err)
 	}
 	return nil

@@ -29,11 +29,11 @@ func TestSyncTree(t *testing.T) {
 	if err := SyncTree(context.Background(), filepath.Join(root, "missing")); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("SyncTree of a missing directory: %v, want ErrNotExist", err)
 	}
-	if err := SyncFile(filepath.Join(root, "vm/disk")); err != nil {
-		t.Errorf("SyncFile: %v", err)
+	if err := Sync(filepath.Join(root, "vm/disk")); err != nil {
+		t.Errorf("Sync: %v", err)
 	}
-	if err := SyncFile(filepath.Join(root, "nofile")); !errors.Is(err, os.ErrNotExist) {
-		t.Errorf("SyncFile of a missing file: %v, want ErrNotExist", err)
+	if err := Sync(filepath.Join(root, "nofile")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Sync of a missing file: %v, want ErrNotExist", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()

@@ -20,6 +20,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"fmt"
+	"path"
 
 	"github.com/warren-sh/warren/internal/template"
 )
@@ -54,9 +55,8 @@ func Key(baseBuildID string) string {
 // Request is the template's build from the base template's artifact base,
 // as build buildID of template templateID.
 func Request(base *template.Artifact, templateID, buildID string) template.BuildRequest {
-	dir := "/opt/warren/code-interpreter"
 	install := fmt.Sprintf("mkdir -p %s && echo %s | base64 -d > %s && chmod 0755 %s",
-		dir, base64.StdEncoding.EncodeToString(serverSource), ServerPath, ServerPath)
+		path.Dir(ServerPath), base64.StdEncoding.EncodeToString(serverSource), ServerPath, ServerPath)
 	return template.BuildRequest{
 		TemplateID: templateID, BuildID: buildID,
 		From:  template.Source{Template: base},

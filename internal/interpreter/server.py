@@ -479,6 +479,20 @@ class Handler(BaseHTTPRequestHandler):
             raise ValueError("the body is not a JSON object")
         return data
 
+    def context(self, cid):
+        """The context cid, or None after answering 404."""
+        ctx = STATE.get(cid)
+        if ctx is None:
+            self.fail(404, "Context %s not found" % cid)
+        return ctx
+
+    def supported(self, language):
+        """Whether language has contexts here; answers 400 if not."""
+        if language in LANGUAGES:
+            return True
+        self.fail(400, "language %r is not supported here (supported: %s)" % (language, ", ".join(LANGUAGES)))
+        return False
+
     def path_parts(self):
         return [p for p in self.path.split("?", 1)[0].split("/") if p]
 
@@ -516,8 +530,7 @@ class Handler(BaseHTTPRequestHandler):
             self.execute(req)
         elif parts == ["contexts"]:
             language = req.get("language") or "python"
-            if language not in LANGUAGES:
-                self.fail(400, "language %r is not supported here (supported: %s)" % (language, ", ".join(LANGUAGES)))
+            if not self.supported(language):
                 return
             cwd = req.get("cwd") or DEFAULT_CWD
             if not os.path.isdir(cwd):
@@ -525,9 +538,8 @@ class Handler(BaseHTTPRequestHandler):
                 return
             self.reply(200, STATE.create(language, cwd).describe())
         elif len(parts) == 3 and parts[0] == "contexts" and parts[2] == "restart":
-            ctx = STATE.get(parts[1])
+            ctx = self.context(parts[1])
             if ctx is None:
-                self.fail(404, "Context %s not found" % parts[1])
                 return
             ctx.restart()
             self.reply(204)
@@ -544,14 +556,12 @@ class Handler(BaseHTTPRequestHandler):
             self.fail(400, "Only one of context_id or language can be provided")
             return
         if cid:
-            ctx = STATE.get(cid)
+            ctx = self.context(cid)
             if ctx is None:
-                self.fail(404, "Context %s not found" % cid)
                 return
         else:
             language = language or "python"
-            if language not in LANGUAGES:
-                self.fail(400, "language %r is not supported here (supported: %s)" % (language, ", ".join(LANGUAGES)))
+            if not self.supported(language):
                 return
             ctx = STATE.default(language)
         env_vars = req.get("env_vars") or {}

@@ -288,7 +288,7 @@ func (m *Manager) Snapshot(ctx context.Context, id, key string) (string, error) 
 	if err := os.Rename(tmp, dir); err != nil {
 		return "", fmt.Errorf("node: snapshot %s: %w", id, err)
 	}
-	if err := durable.SyncDir(filepath.Dir(dir)); err != nil {
+	if err := durable.Sync(filepath.Dir(dir)); err != nil {
 		m.log.Warn("sync the directory of a new snapshot", "key", key, "err", err)
 	}
 	ok = true

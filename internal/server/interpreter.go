@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"time"
 
 	"github.com/warren-sh/warren/internal/control"
@@ -32,15 +31,11 @@ func ensureCodeInterpreter(ctx context.Context, dataDir string, builder template
 		}
 		log.Info("built the template "+interpreter.Name, "build", buildID, "took", time.Since(began).Round(time.Millisecond))
 	}
-	artifact := a.Dir
-	if rel, err := filepath.Rel(dataDir, a.Dir); err == nil && filepath.IsLocal(rel) {
-		artifact = rel // as the node resolves it, and the store keeps base's
-	}
 	var diskMB int
 	if fi, err := os.Stat(a.RootDisk); err == nil {
 		diskMB = int(fi.Size() >> 20)
 	}
 	return control.EnsureBuiltinTemplate(ctx, st, control.CodeInterpreterTemplateID, interpreter.Name, control.BaseBuild{
-		Key: key, Artifact: artifact, CPUCount: a.CPUs, MemoryMB: a.MemoryMiB, DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
+		Key: key, Artifact: control.StoredArtifact(dataDir, a.Dir), CPUCount: a.CPUs, MemoryMB: a.MemoryMiB, DiskSizeMB: diskMB, EnvdVersion: version.EnvdVersion,
 	})
 }

@@ -561,5 +561,5 @@ func writeFileAtomic(p string, data []byte, mode os.FileMode) error {
 		os.Remove(f.Name())
 		return fmt.Errorf("write %s: %w", p, err)
 	}
-	return durable.SyncDir(filepath.Dir(p))
+	return durable.Sync(filepath.Dir(p))
 }

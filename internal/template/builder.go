@@ -565,7 +565,7 @@ func syncChain(path string) error {
 		if n > 4096 {
 			return fmt.Errorf("sync the disk chain: %s: more than 4096 backing files", path)
 		}
-		if err := durable.SyncFile(path); err != nil {
+		if err := durable.Sync(path); err != nil {
 			return err
 		}
 		next, err := microvm.BackingFile(path)
